@@ -23,7 +23,7 @@ from blocks.errors import CommandError, CommandTimeoutError, TransferError
 from blocks.manifest import CHUNK, part_name, sha256_file, walk_local
 from blocks.results import CommandResult, TransferResult
 from blocks.streaming import LineCallback, OutputCollector, prefect_line_logger
-from blocks.wrapping import ENV_NAME
+from blocks.wrapping import ENV_NAME, group_alive
 
 
 class LocalHost(Block):
@@ -93,7 +93,7 @@ class LocalHost(Block):
         try:
             finished = _pump(proc, out, err, deadline)
         except BaseException:
-            self.kill_process_group(proc.pid)
+            self.kill_process_group(proc.pid, proc)
             proc.wait()
             raise
         finally:
@@ -101,7 +101,7 @@ class LocalHost(Block):
             err.close()
         duration = time.monotonic() - started
         if not finished:
-            self.kill_process_group(proc.pid)
+            self.kill_process_group(proc.pid, proc)
             proc.wait()
             result = CommandResult(command, None, out.text(), err.text(), duration,
                                    self.address, timed_out=True)
@@ -113,8 +113,13 @@ class LocalHost(Block):
             raise CommandError(result)
         return result
 
-    def kill_process_group(self, pgid: int) -> None:
-        """SIGTERM a process group, then SIGKILL it after the grace period."""
+    def kill_process_group(self, pgid: int,
+                           leader: subprocess.Popen[bytes] | None = None) -> None:
+        """SIGTERM a process group, then SIGKILL it after the grace period.
+
+        ``leader`` is our own child at the head of the group: it is reaped while we
+        wait, or its zombie would look like a live group member until the grace ends.
+        """
         if pgid <= 1:
             raise ValueError(f"refusing to kill process group {pgid}")
         try:
@@ -123,9 +128,9 @@ class LocalHost(Block):
             return
         deadline = time.monotonic() + self.kill_grace_period
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
+            if leader is not None:
+                leader.poll()
+            if not group_alive(pgid):
                 return
             time.sleep(0.05)
         try:

@@ -113,12 +113,19 @@ def _load_private_key(text: str | None, path: str | None,
                       passphrase: str | None) -> paramiko.PKey | None:
     if path:
         try:
-            return paramiko.PKey.from_path(os.path.expanduser(path), passphrase)
+            return paramiko.PKey.from_path(os.path.expanduser(path),
+                                           passphrase.encode() if passphrase else None)
         except FileNotFoundError as exc:
             raise HostAuthenticationError(f"private key file not found: {path}") from exc
         except paramiko.PasswordRequiredException as exc:
             raise HostAuthenticationError(
                 f"private key {path} is encrypted and no passphrase was given") from exc
+        except TypeError as exc:
+            # cryptography's word for an encrypted OpenSSH key loaded without passphrase
+            if passphrase is None:
+                raise HostAuthenticationError(
+                    f"private key {path} is encrypted and no passphrase was given") from None
+            raise HostAuthenticationError(f"could not read private key {path}") from None
         except (paramiko.SSHException, ValueError) as exc:
             raise HostAuthenticationError(
                 f"could not read private key {path} (wrong passphrase or not a key)") from exc

@@ -9,6 +9,7 @@ asked, in a pid file), which is how a timeout or a cancellation finds it.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 
@@ -44,14 +45,35 @@ def wrap_command(command: str, *, env: dict[str, str] | None = None, cwd: str | 
 
 
 def kill_group_script(pgid: int, grace: float) -> str:
-    """Shell that SIGTERMs process group ``pgid``, waits up to ``grace`` s, then SIGKILLs it."""
+    """Shell that SIGTERMs process group ``pgid``, waits up to ``grace`` s, then SIGKILLs it.
+
+    "Alive" means a member that is not a zombie: where PID 1 does not reap
+    orphans (containers), ``kill -0`` would see the dead for the whole grace.
+    """
     pgid = int(pgid)
     if pgid <= 1:
         raise ValueError(f"refusing to kill process group {pgid}")
     steps = max(1, int(grace / 0.1))
     return (
+        f"if command -v ps >/dev/null 2>&1; then alive() {{ ps -eo pgid=,stat= | "
+        f"awk -v g={pgid} '$1==g && $2 !~ /^Z/ {{f=1}} END {{exit !f}}'; }}; "
+        f"else alive() {{ kill -0 -- -{pgid} 2>/dev/null; }}; fi; "
         f"kill -TERM -- -{pgid} 2>/dev/null || exit 0; "
-        f"i=0; while [ $i -lt {steps} ]; do "
-        f"kill -0 -- -{pgid} 2>/dev/null || exit 0; sleep 0.1; i=$((i+1)); done; "
+        f"i=0; while [ $i -lt {steps} ]; do alive || exit 0; sleep 0.1; i=$((i+1)); done; "
         f"kill -KILL -- -{pgid} 2>/dev/null; exit 0"
     )
+
+
+def group_alive(pgid: int) -> bool:
+    """True while process group ``pgid`` on this machine has a member that is not a zombie."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                fields = fh.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False

@@ -1,0 +1,312 @@
+"""Typed configuration: one pydantic model per section of the YAML file.
+
+Every model forbids unknown keys, so a misspelt setting is an error rather than
+a silently ignored default. Checks that span sections (a workflow naming a
+step with no command, a template using an unknown placeholder) live in
+``cross_section_issues`` so that each problem is reported at its own key path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BeforeValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+
+from config.templates import TemplateError, check_placeholders
+
+
+def _local_path(value: object, info: ValidationInfo) -> object:
+    """Expand ``~`` and ``$VARS``; a relative path is relative to the config file's folder."""
+    if not isinstance(value, str | Path):
+        return value  # let the Path validator report the wrong type
+    path = Path(os.path.expandvars(os.path.expanduser(str(value))))
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+LocalPath = Annotated[Path, BeforeValidator(_local_path)]
+"""A path on the machine that runs MQI Communicator."""
+RemotePath = Annotated[str, StringConstraints(min_length=1)]
+"""A path on the GPU host: kept as written (no expansion here)."""
+Port = Annotated[int, Field(ge=1, le=65535)]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+Seconds = Annotated[float, Field(ge=0)]
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class Section(BaseModel):
+    # Defaults are validated too, so a default path gets the same expansion as a written one.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PrefectSettings(Section):
+    """Where the Prefect API (the state store) is, or how to start the embedded one."""
+
+    api_url: str | None = Field(
+        default=None, description="URL of an existing Prefect API; null: `mqi up` starts the "
+        "embedded server at server_host:server_port.")
+    server_host: str = "127.0.0.1"
+    server_port: Port = 4200
+    database_url: str | None = Field(
+        default=None, description="null: SQLite under paths.data_dir. Otherwise a "
+        "postgresql+asyncpg:// URL (password from database_password_env).")
+    database_password_env: EnvName | None = None
+    runner_poll_seconds: PositiveSeconds = 1.0
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(sqlite\+aiosqlite|postgresql\+asyncpg)://",
+                                              value):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @property
+    def effective_api_url(self) -> str:
+        return self.api_url or f"http://{self.server_host}:{self.server_port}/api"
+
+
+class PathsSettings(Section):
+    data_dir: LocalPath = "~/.mqi"
+    results_root: LocalPath = "~/mqi/results"
+    remote_work_root: RemotePath = "/tmp/mqi/cases"
+    clean_remote_work_dir: bool = True
+
+
+class ScannerSettings(Section):
+    target_directory: LocalPath
+    observer: Literal["inotify", "polling"] = "inotify"
+    polling_interval_seconds: PositiveSeconds = 5.0
+    stability_seconds: Seconds = 30.0
+    rescan_interval_seconds: PositiveSeconds = 300.0
+    incomplete_report_after_seconds: PositiveSeconds = 3600.0
+    ready_marker: Annotated[str, StringConstraints(pattern=r"^[^/\x00]+$")] = "_CASE_READY"
+
+
+class CasesSettings(Section):
+    id_pattern: str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+    patient_id_in_logs: Literal["never", "hash"] = "hash"
+
+    @field_validator("id_pattern")
+    @classmethod
+    def _valid_anchored_regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        if not (value.startswith("^") and value.endswith("$")):
+            raise ValueError("must be anchored with ^ and $ so the whole id is checked")
+        # A case id names folders locally and on the GPU host: it must never be
+        # able to climb out of them or be empty.
+        for bad in ("", ".", "..", "a/b", "../a", "a\nb", "a\0b"):
+            if re.fullmatch(value, bad):
+                raise ValueError(f"must not accept {bad!r} as a case id")
+        return value
+
+
+class HostSettings(Section):
+    kind: Literal["ssh", "local"]
+    hostname: str | None = None
+    port: Port = 22
+    username: str | None = None
+    private_key_path: LocalPath | None = None
+    private_key_env: EnvName | None = None
+    passphrase_env: EnvName | None = None
+    password_env: EnvName | None = None
+    known_hosts_path: LocalPath = "~/.ssh/known_hosts"
+    auto_add_host_keys: bool = False
+    connect_timeout_seconds: PositiveSeconds = 10.0
+    keepalive_seconds: Annotated[int, Field(ge=0)] = 30
+    connect_retries: Annotated[int, Field(ge=0, le=20)] = 3
+    kill_grace_seconds: Seconds = 5.0
+
+
+class GpuSettings(Section):
+    host: str = "gpu"
+    source: Literal["nvidia-smi", "nvml"] = "nvidia-smi"
+    query_command: str = (
+        "nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used,memory.free,"
+        "utilization.gpu,temperature.gpu --format=csv,noheader,nounits")
+    apps_command: str = (
+        "nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader,nounits")
+    indices: list[Annotated[int, Field(ge=0)]] | None = None
+    min_free_memory_mib: Annotated[int, Field(ge=0)] = 8192
+    skip_gpus_with_foreign_processes: bool = True
+    concurrency_limit: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]+$")] = \
+        "mqi-gpu"
+    lease_seconds: Annotated[int, Field(ge=60)] = 300
+    lock_dir: RemotePath = "/tmp/mqi/gpu-locks"
+    set_cuda_visible_devices: bool = True
+
+
+class RestartPolicy(Section):
+    max_restarts: Annotated[int, Field(ge=0)] = 5
+    backoff_initial_seconds: PositiveSeconds = 1.0
+    backoff_max_seconds: PositiveSeconds = 60.0
+
+
+class ProcessesSettings(Section):
+    start: list[Literal["server", "serve", "sensor"]] = ["server", "serve", "sensor"]
+    restart: RestartPolicy = RestartPolicy()
+
+
+class MoquiSettings(Section):
+    input_template: str
+    output_format: Literal["raw", "mhd", "mha", "npz", "dcm"] = "raw"
+    random_seed: int = -1932780356
+    gantry_numbers: dict[str, Annotated[int, Field(ge=1, le=2)]] = {"G1": 1, "G2": 2}
+    parameters: dict[Identifier, str | int | float | bool] = {}
+    success_pattern: str = "Total execution time"
+    failure_patterns: list[str] = ["FATAL ERROR", "ERROR:", "Segmentation fault"]
+
+
+class StepPolicy(Section):
+    retries: Annotated[int, Field(ge=0, le=10)] | None = None
+    retry_delay_seconds: Seconds | None = None
+    backoff_factor: Annotated[float, Field(ge=1)] | None = None
+    timeout_seconds: PositiveSeconds | None = None
+
+
+class RetriesSettings(Section):
+    default: StepPolicy = StepPolicy(retries=2, retry_delay_seconds=30, backoff_factor=2,
+                                     timeout_seconds=3600)
+    steps: dict[str, StepPolicy] = {}
+
+
+class ArchiverSettings(Section):
+    enabled: bool = True
+    schedule_cron: str = "0 3 * * *"
+    keep_days: Annotated[int, Field(ge=1)] = 30
+    archive_dir: LocalPath = "~/mqi/archive"
+
+
+class CuratorSettings(Section):
+    enabled: bool = True
+    interval_seconds: PositiveSeconds = 60.0
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    stream_command_output: bool = True
+
+
+class MqiConfig(Section):
+    """The whole configuration. Sections without defaults must be present in the file."""
+
+    prefect: PrefectSettings
+    paths: PathsSettings
+    scanner: ScannerSettings
+    cases: CasesSettings = CasesSettings()
+    hosts: dict[Identifier, HostSettings]
+    gpu: GpuSettings
+    processes: ProcessesSettings = ProcessesSettings()
+    tools: dict[Identifier, str] = {}
+    workflows: dict[Identifier, list[str]]
+    remote_commands: dict[Identifier, str]
+    moqui: MoquiSettings
+    retries: RetriesSettings = RetriesSettings()
+    archiver: ArchiverSettings = ArchiverSettings()
+    curator: CuratorSettings = CuratorSettings()
+    logging: LoggingSettings = LoggingSettings()
+    simulated: bool = Field(
+        default=False, description="True when the tools are the bundled simulators: every "
+        "output is then labelled SIMULATED.")
+
+    def policy(self, step: str) -> StepPolicy:
+        """The retry/timeout policy of a step: its own settings over the defaults."""
+        own = self.retries.steps.get(step)
+        if own is None:
+            return self.retries.default
+        merged = self.retries.default.model_dump() | own.model_dump(exclude_none=True)
+        return StepPolicy(**merged)
+
+
+# ------------------------------------------------------------------ placeholders
+CASE_PLACEHOLDERS = frozenset({"case_id", "case_dir", "work_dir", "output_dir", "log_dir"})
+BEAM_PLACEHOLDERS = CASE_PLACEHOLDERS | {"beam_number", "beam_name", "beam_dir"}
+STEP_PLACEHOLDERS: dict[str, frozenset[str]] = {
+    "run_interpreter": CASE_PLACEHOLDERS,
+    "run_moqui_sim": BEAM_PLACEHOLDERS | {"gpu_id", "input_file", "raw_dir"},
+    "convert_to_dicom": BEAM_PLACEHOLDERS | {"raw_dir", "dicom_dir"},
+}
+"""Values the code offers to each built-in step's command; other steps get the case's."""
+MOQUI_PLACEHOLDERS = frozenset({
+    "case_id", "gpu_id", "parent_dir", "dicom_dir", "log_dir", "output_dir", "beam_number",
+    "gantry_num", "output_format", "random_seed"})
+BUILTIN_STAGES = frozenset({"inspect", "upload", "download", "verify", "report"})
+SECRET_KEYS = re.compile(r"(password|passphrase|private_key|secret|token|api_key)$")
+
+
+def step_placeholders(step: str, tools: dict[str, str]) -> frozenset[str]:
+    """The placeholders a command template of ``step`` may use."""
+    return STEP_PLACEHOLDERS.get(step, CASE_PLACEHOLDERS) | set(tools)
+
+
+def cross_section_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
+    """Checks that need more than one section; returns (key path, message) pairs."""
+    issues: list[tuple[str, str]] = []
+    for name, host in cfg.hosts.items():
+        if host.kind == "ssh":
+            for key in ("hostname", "username"):
+                if not getattr(host, key):
+                    issues.append((f"hosts.{name}.{key}", "required for an ssh host"))
+    if cfg.gpu.host not in cfg.hosts:
+        issues.append(("gpu.host", f"no host named {cfg.gpu.host!r} in hosts "
+                                   f"(have: {', '.join(cfg.hosts) or 'none'})"))
+    elif cfg.gpu.source == "nvml" and cfg.hosts[cfg.gpu.host].kind != "local":
+        issues.append(("gpu.source", "nvml reads GPUs of this machine only: use nvidia-smi "
+                                     f"for the ssh host {cfg.gpu.host!r}"))
+    for name in cfg.tools:
+        if any(name in s for s in (*STEP_PLACEHOLDERS.values(), CASE_PLACEHOLDERS)):
+            issues.append((f"tools.{name}", "clashes with a placeholder the code fills in"))
+    if not cfg.workflows:
+        issues.append(("workflows", "at least one workflow is needed"))
+    for wf, steps in cfg.workflows.items():
+        if not steps:
+            issues.append((f"workflows.{wf}", "a workflow needs at least one step"))
+        for i, step in enumerate(steps):
+            if step not in cfg.remote_commands:
+                issues.append((f"workflows.{wf}[{i}]", f"no remote command {step!r}"))
+        for step in {s for s in steps if steps.count(s) > 1}:
+            issues.append((f"workflows.{wf}", f"step {step!r} appears more than once"))
+    for step, template in cfg.remote_commands.items():
+        try:
+            check_placeholders(template, step_placeholders(step, cfg.tools))
+        except TemplateError as exc:
+            issues.append((f"remote_commands.{step}", str(exc)))
+    for name in cfg.moqui.parameters:
+        if name in MOQUI_PLACEHOLDERS:
+            issues.append((f"moqui.parameters.{name}", "clashes with a value the code fills in"))
+    try:
+        check_placeholders(cfg.moqui.input_template,
+                           MOQUI_PLACEHOLDERS | set(cfg.moqui.parameters))
+    except TemplateError as exc:
+        issues.append(("moqui.input_template", str(exc)))
+    known_steps = BUILTIN_STAGES | set(cfg.remote_commands)
+    for step in cfg.retries.steps:
+        if step not in known_steps:
+            issues.append((f"retries.steps.{step}",
+                           f"no such step (known: {', '.join(sorted(known_steps))})"))
+    return issues
+
+
+def secret_hint(key: Any) -> str:
+    """Extra words for an unknown key that looks like a secret."""
+    if isinstance(key, str) and SECRET_KEYS.search(key):
+        return (f"; secrets never live in the YAML file: name an environment variable with "
+                f"{key}_env (or store it in a Prefect block)")
+    return ""

@@ -1,0 +1,68 @@
+"""Shared fixtures: a real sshd for the session, and both host kinds behind one fixture."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.sshd import SshServer
+
+# Prefect must never phone home from a test run.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """A real OpenSSH sshd on a free 127.0.0.1 port. Fails (never skips) when unavailable."""
+    server = SshServer(tmp_path_factory.mktemp("sshd")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def remote(sshd: SshServer):
+    host = sshd.remote_host()
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+@pytest.fixture(params=["ssh", "local"])
+def host(request: pytest.FixtureRequest, sshd: SshServer):
+    """Each test using this runs once against RemoteHost (real sshd) and once against LocalHost."""
+    if request.param == "ssh":
+        h = sshd.remote_host(kill_grace_period=2.0)
+    else:
+        from blocks.local_host import LocalHost
+
+        h = LocalHost(kill_grace_period=2.0)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A small case-shaped tree with awkward names (spaces, shell metacharacters, unicode)."""
+    root = tmp_path / "src"
+    files = {
+        "RP.1.2.3.dcm": os.urandom(5000),
+        "2025010112000000/PlanInfo.txt": b"DICOM_BEAM_NUMBER,1\n",
+        "2025010112000000/02_1_p_1_001.ptn": os.urandom(60 * 1024),
+        "2025010112000000/sub dir/a b.mgn": os.urandom(1024),
+        "weird/$(touch pwned); rm -rf x 'q' \"d\" `id` ünï.txt": b"literal\n",
+        "weird/-n": b"dash\n",
+        "empty.txt": b"",
+    }
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
