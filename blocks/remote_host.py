@@ -120,7 +120,7 @@ def _load_private_key(text: str | None, path: str | None,
         except paramiko.PasswordRequiredException as exc:
             raise HostAuthenticationError(
                 f"private key {path} is encrypted and no passphrase was given") from exc
-        except TypeError as exc:
+        except TypeError:
             # cryptography's word for an encrypted OpenSSH key loaded without passphrase
             if passphrase is None:
                 raise HostAuthenticationError(
