@@ -214,7 +214,9 @@ class MqiConfig(Section):
     hosts: dict[Identifier, HostSettings]
     gpu: GpuSettings
     processes: ProcessesSettings = ProcessesSettings()
-    tools: dict[Identifier, str] = {}
+    tools: dict[Identifier, str | list[str]] = Field(
+        default={}, description="Paths (or argument lists) of the tools on the GPU host; each "
+        "key is a placeholder in remote_commands, every word shell-quoted when filled in.")
     workflows: dict[Identifier, list[str]]
     remote_commands: dict[Identifier, str]
     moqui: MoquiSettings
@@ -251,7 +253,7 @@ BUILTIN_STAGES = frozenset({"inspect", "upload", "download", "verify", "report"}
 SECRET_KEYS = re.compile(r"(password|passphrase|private_key|secret|token|api_key)$")
 
 
-def step_placeholders(step: str, tools: dict[str, str]) -> frozenset[str]:
+def step_placeholders(step: str, tools: dict[str, str | list[str]]) -> frozenset[str]:
     """The placeholders a command template of ``step`` may use."""
     return STEP_PLACEHOLDERS.get(step, CASE_PLACEHOLDERS) | set(tools)
 

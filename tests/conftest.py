@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 
 from tests.support.sshd import SshServer
 
-# Prefect must never phone home from a test run.
+# Prefect must never phone home from a test run, nor write into the user's ~/.prefect.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mqi-test-prefect-"))
 
 
 @pytest.fixture(scope="session")

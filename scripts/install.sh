@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install MQI Communicator into ./.venv (created with python3 >= 3.11 if missing).
+#   scripts/install.sh          the application
+#   scripts/install.sh test     plus what the test suite needs (pytest, ruff, and
+#                               OpenSSH's sshd for the integration tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+"$PYTHON" - <<'PY' || { echo "error: Python 3.11 or newer is required (PYTHON=$PYTHON)" >&2; exit 1; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 11) else 1)
+PY
+
+if [ "${1:-}" = "test" ] && ! [ -x /usr/sbin/sshd ]; then
+    echo "installing openssh-server (the integration tests run a real sshd) ..."
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssh-server >/dev/null
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+extra=""
+[ "${1:-}" = "test" ] && extra="[test]"
+.venv/bin/python -m pip install -q -e ".${extra}" 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c "import prefect, paramiko, pydicom, deployments.cli" \
+    || { echo "error: installation incomplete" >&2; exit 1; }
+echo "installed: $(.venv/bin/python -m prefect --version | head -1 | sed 's/^/prefect /')"

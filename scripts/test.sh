@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run the whole suite (extra args go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh test
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest "$@"
