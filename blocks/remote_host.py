@@ -361,30 +361,54 @@ class RemoteHost(Block):
             channel.shutdown_write()
             deadline = started + timeout if timeout else None
             exit_code = self._pump(channel, out, err, deadline)
-        except BaseException:
+            if exit_code is None:
+                raise _DeadlinePassed
+        except BaseException as exc:
             # Timeout, cancellation (KeyboardInterrupt, Prefect's termination) or a
             # dropped connection: the remote process group must not outlive us.
-            if err.pgid is not None:
-                self._kill_group_quietly(err.pgid)
+            pgid = self._await_pgid(channel, out, err)
+            if pgid is not None:
+                self._kill_group_quietly(pgid)
+            else:
+                log.error("could not learn the process group of %r on %s to kill it",
+                          command, self.address)
             channel.close()
             out.close()
             err.close()
+            if isinstance(exc, _DeadlinePassed):
+                result = CommandResult(command, None, out.text(), err.text(),
+                                       time.monotonic() - started, self.address, timed_out=True)
+                raise CommandTimeoutError(result, timeout or 0) from None
             raise
         finally:
             channel.close()
         out.close()
         err.close()
         duration = time.monotonic() - started
-        if exit_code is None:
-            if err.pgid is not None:
-                self._kill_group_quietly(err.pgid)
-            result = CommandResult(command, None, out.text(), err.text(), duration,
-                                   self.address, timed_out=True)
-            raise CommandTimeoutError(result, timeout or 0)
         result = CommandResult(command, exit_code, out.text(), err.text(), duration, self.address)
         if check and not result.ok:
             raise CommandError(result)
         return result
+
+    @staticmethod
+    def _await_pgid(channel: paramiko.Channel, out: OutputCollector,
+                    err: _MarkerStrippingCollector, timeout: float = 5.0) -> int | None:
+        """The command's process-group id, waiting briefly for its marker if need be.
+
+        The marker is the first thing the wrapper writes, but on stderr: stdout
+        can be delivered (and a callback can fail) before it has been read.
+        """
+        out.mute()
+        err.inner.mute()
+        deadline = time.monotonic() + timeout
+        while err.pgid is None and time.monotonic() < deadline and not channel.closed:
+            if channel.recv_stderr_ready():
+                err.feed(channel.recv_stderr(CHUNK))
+            elif channel.recv_ready():
+                out.feed(channel.recv(CHUNK))
+            else:
+                select.select([channel], [], [], 0.05)
+        return err.pgid
 
     @staticmethod
     def _pump(channel: paramiko.Channel, out: OutputCollector,
@@ -687,6 +711,10 @@ class RemoteHost(Block):
             sftp.close()
         result.seconds = time.monotonic() - started
         return result
+
+
+class _DeadlinePassed(Exception):
+    """Internal: the command's timeout expired (turned into CommandTimeoutError)."""
 
 
 class _MarkerStrippingCollector:

@@ -57,6 +57,10 @@ class OutputCollector:
         for raw in lines:
             self._callback(self.stream, raw.decode("utf-8", "replace").rstrip("\r"))
 
+    def mute(self) -> None:
+        """Stop calling the callback (keep collecting): used while tearing a run down."""
+        self._callback = None
+
     def close(self) -> None:
         """Flush a last line that had no newline."""
         if self._callback is not None and self._pending:
