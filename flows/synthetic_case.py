@@ -1,0 +1,170 @@
+"""Synthetic cases shaped like the clinic's real ones, for tests, the demo and benchmarks.
+
+A case is an RT Ion Plan written with pydicom (one SETUP photon beam plus N
+TREATMENT proton beams) and one delivery folder per treatment beam with
+PlanInfo.txt, PlanRange.txt, ``.ptn`` spot logs (big-endian uint16, 8 columns)
+and ``.mgn`` monitor files. Patient data is made up and labelled SIMULATED.
+``broken=`` writes each kind of broken case that inspection must refuse.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
+BROKEN_KINDS = (
+    "no_plan",
+    "two_plans",
+    "unreadable_plan",
+    "beam_count_mismatch",
+    "planinfo_mismatch",
+    "symlink_escape",
+    "bad_case_id",
+    "empty_ptn",
+)
+
+
+def _plan(case_id: str, patient_id: str, study_uid: str, beams: int, layers: int,
+          machine: str) -> FileDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RT_ION_PLAN
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = RT_ION_PLAN
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "RTPLAN"
+    ds.PatientName = "SIMULATED^PATIENT"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19000101"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesDescription = "SIMULATED plan for MQI Communicator"
+    ds.RTPlanLabel = f"SIM_{case_id}"[:16]
+    ds.RTPlanGeometry = "PATIENT"
+    fraction = Dataset()
+    fraction.FractionGroupNumber = 1
+    fraction.NumberOfFractionsPlanned = 1
+    fraction.NumberOfBeams = beams + 1  # setup beam included, as the clinic's plans do
+    ds.FractionGroupSequence = [fraction]
+
+    setup = Dataset()
+    setup.BeamNumber = 1
+    setup.BeamName = "SETUP"
+    setup.TreatmentDeliveryType = "SETUP"
+    setup.RadiationType = "PHOTON"
+    setup.TreatmentMachineName = machine
+    setup.NumberOfControlPoints = 2
+    setup.IonControlPointSequence = [Dataset(), Dataset()]
+    ion_beams = [setup]
+    for b in range(beams):
+        beam = Dataset()
+        beam.BeamNumber = b + 2
+        beam.BeamName = f"F{b + 1}"
+        beam.TreatmentDeliveryType = "TREATMENT"
+        beam.RadiationType = "PROTON"
+        beam.TreatmentMachineName = machine
+        beam.NumberOfControlPoints = 2 * layers
+        points = []
+        for i in range(2 * layers):
+            cp = Dataset()
+            cp.ControlPointIndex = i
+            cp.NominalBeamEnergy = round(150.0 - 2.5 * (i // 2), 2)
+            points.append(cp)
+        beam.IonControlPointSequence = points
+        ion_beams.append(beam)
+    ds.IonBeamSequence = ion_beams
+    return ds
+
+
+def write_case(
+    scan_root: str | os.PathLike[str],
+    case_id: str | None = None,
+    *,
+    beams: int = 3,
+    layers: int = 4,
+    spots_per_layer: int = 400,
+    machine: str = "G1",
+    broken: str | None = None,
+    ready_marker: str | None = None,
+    seed: int | None = None,
+) -> Path:
+    """Write one case folder under ``scan_root`` and return its path.
+
+    Args:
+        scan_root: The folder the sensor watches.
+        case_id: Folder name (default: a fresh DICOM UID, as the clinic uses).
+        beams: Number of treatment beams (a SETUP beam is always added).
+        layers: Energy layers per beam (one .ptn/.mgn pair each).
+        spots_per_layer: Rows in each .ptn file (16 bytes a row).
+        machine: Treatment machine name (G1 or G2: the gantry).
+        broken: One of BROKEN_KINDS to write a case inspection must refuse.
+        ready_marker: When given, a marker file of that name is written last.
+        seed: Makes the spot data reproducible.
+    """
+    if broken is not None and broken not in BROKEN_KINDS:
+        raise ValueError(f"unknown broken kind {broken!r} (known: {', '.join(BROKEN_KINDS)})")
+    rng = random.Random(seed)  # noqa: S311 - made-up test data, not secrets
+    case_id = case_id or generate_uid(prefix="1.2.826.0.1.3680043.10.1234.")
+    if broken == "bad_case_id":
+        case_id = f"bad id;{case_id[:8]}"
+    root = Path(scan_root) / case_id
+    root.mkdir(parents=True, exist_ok=True)
+    patient_id = f"SIM{rng.randrange(10**6):06d}"
+    tcsc_patient_id = f"{rng.randrange(10**5):05d}"
+    study_uid = generate_uid()
+    plan = _plan(case_id, patient_id, study_uid, beams, layers, machine)
+    plan_name = f"RP.{plan.SOPInstanceUID}.dcm"
+    if broken != "no_plan":
+        if broken == "unreadable_plan":
+            (root / plan_name).write_bytes(b"not a DICOM file" * 10)
+        else:
+            plan.save_as(root / plan_name, enforce_file_format=True)
+        if broken == "two_plans":
+            second = _plan(case_id, patient_id, study_uid, beams, layers, machine)
+            second.save_as(root / f"RP.{second.SOPInstanceUID}.dcm", enforce_file_format=True)
+
+    start = datetime(2025, 1, 1, 12, 0, 0)
+    delivered = beams - 1 if broken == "beam_count_mismatch" else beams
+    for b in range(delivered):
+        when = start + timedelta(minutes=5 * b)
+        folder = root / (when.strftime("%Y%m%d%H%M%S") + "00")
+        folder.mkdir(exist_ok=True)
+        beam_number = b + 2
+        info_patient = "SOMEONE_ELSE" if broken == "planinfo_mismatch" and b == 0 else patient_id
+        (folder / "PlanInfo.txt").write_text(
+            f"DICOM_PATIENT_ID,{info_patient}\n"
+            f"DICOM_STUDY_INS_UID,{study_uid}\n"
+            f"DICOM_BEAM_NUMBER,{beam_number}\n"
+            f"TCSC_PATIENT_ID,{tcsc_patient_id}\n"
+            f"TCSC_FIELD_NUMBER,{b + 1}\n"
+            f"TCSC_IRRAD_DATETIME,{when:%Y/%m/%d %H:%M:%S}\n"
+            f"TCSC_MACHINE,{machine}\n")
+        rows = ["LAYER_NO,LAYER_ENERGY,SCAN_OUT_FL_NM,PLAN_SCAN_OUT_FL_NM"]
+        for layer in range(1, layers + 1):
+            energy = 150.0 - 2.5 * (layer - 1)
+            stem_ptn = f"02_{tcsc_patient_id}_{beam_number:02d}_{b + 1:02d}_{layer:03d}"
+            stem_mgn = f"02_{patient_id}_{beam_number:02d}_{b + 1:02d}_{layer:03d}"
+            rows.append(f"{layer},{energy:.2f},{stem_ptn}.ptn,{stem_mgn}.mgn")
+            spots = 0 if broken == "empty_ptn" and b == 0 and layer == 1 else spots_per_layer
+            data = bytearray()
+            for spot in range(spots):
+                data += struct.pack(">8H", spot, rng.randrange(65536), rng.randrange(65536),
+                                    rng.randrange(4096), rng.randrange(4096), layer,
+                                    int(energy * 10), 0)
+            (folder / f"{stem_ptn}.ptn").write_bytes(bytes(data))
+            (folder / f"{stem_mgn}.mgn").write_bytes(
+                struct.pack(">4H", layer, int(energy * 10), spots, 0) * 64)
+        (folder / "PlanRange.txt").write_text("\n".join(rows) + "\n")
+    if broken == "symlink_escape":
+        (root / "outside").symlink_to("/etc")
+    if ready_marker:
+        (root / ready_marker).write_text("")
+    return root
