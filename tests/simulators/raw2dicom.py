@@ -1,0 +1,95 @@
+"""Simulated raw → DICOM RT Dose converter (``moqui_raw2dicom.py --input <raw> --output <dir>``).
+
+Reads the dose grids the simulated MOQUI wrote (``Dose_beam<N>.raw`` plus its
+``.json`` geometry) and writes one real RT Dose per beam with pydicom, labelled
+SIMULATED in its series description and manufacturer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _simctl  # noqa: E402
+
+RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
+
+
+def write_dose(raw: Path, geometry: dict, out: Path) -> Path:
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    frames, rows, cols = geometry["frames"], geometry["rows"], geometry["columns"]
+    values = struct.unpack(f"<{frames * rows * cols}f", raw.read_bytes())
+    peak = max(values) or 1.0
+    scaling = peak / 65535
+    pixels = struct.pack(f"<{len(values)}I", *(round(v / scaling) for v in values))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RT_DOSE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = RT_DOSE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "RTDOSE"
+    ds.Manufacturer = "MQI Communicator (SIMULATED)"
+    ds.SeriesDescription = f"SIMULATED MOQUI dose, beam {geometry['beam']}"
+    ds.PatientName = "SIMULATED^PATIENT"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.DoseUnits = "GY"
+    ds.DoseType = "PHYSICAL"
+    ds.DoseSummationType = "BEAM"
+    ds.DoseGridScaling = f"{scaling:.10g}"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 32
+    ds.BitsStored = 32
+    ds.HighBit = 31
+    ds.PixelRepresentation = 0
+    ds.NumberOfFrames = frames
+    ds.Rows = rows
+    ds.Columns = cols
+    sx, sy, sz = geometry["spacing_mm"]
+    ds.PixelSpacing = [sx, sy]
+    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.GridFrameOffsetVector = [i * sz for i in range(frames)]
+    ds.FrameIncrementPointer = 0x3004000C
+    ds.PixelData = pixels
+    target = out / f"RTDOSE_beam{geometry['beam']}.dcm"
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="moqui_raw2dicom.py")
+    parser.add_argument("--control")
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    control = _simctl.load(args.control)
+    _simctl.record(control, "raw2dicom", "start", input=args.input)
+    print("raw2dicom (SIMULATED by MQI Communicator's test simulator)", flush=True)
+    src = Path(args.input)
+    raws = sorted(src.glob("*.raw")) if src.is_dir() else [src]
+    raws = [r for r in raws if r.is_file()]
+    if not raws:
+        print(f"ERROR: no raw dose in {src}", flush=True)
+        return 1
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for raw in raws:
+        geometry = json.loads(raw.with_suffix(".json").read_text())
+        print(f"wrote {write_dose(raw, geometry, out).name}", flush=True)
+    _simctl.record(control, "raw2dicom", "end", input=args.input)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

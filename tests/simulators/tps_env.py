@@ -1,0 +1,121 @@
+"""Simulated MOQUI (``tps_env <input_file>``): same input, log lines, exit codes and files.
+
+Reads the plain ``Key Value`` input (``#`` comments), needs a valid GPUID,
+prints ``... with N batches`` and ``Generating particles for (i of N batches)``
+over the configured duration, writes a dose grid to OutputDir and ends with
+``Total execution time: X seconds``. The control file can make a beam fail
+(FATAL ERROR, a segfault, a hang, a missing success line, an ERROR: line).
+While it runs it holds an exclusive lock on its GPU index and records a
+collision if another simulation already held it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _simctl  # noqa: E402
+
+GRID = (10, 16, 16)  # frames, rows, columns
+
+
+def parse_input(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, _, value = line.partition(" ")
+        values[key] = value.strip()
+    return values
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="tps_env")
+    parser.add_argument("--control")
+    parser.add_argument("input_file")
+    args = parser.parse_args()
+    control = _simctl.load(args.control)
+    started = time.monotonic()
+    print("MOQUI tps_env (SIMULATED by MQI Communicator's test simulator)", flush=True)
+    path = Path(args.input_file)
+    if not path.is_file():
+        print(f"FATAL ERROR: cannot open input file {path}", flush=True)
+        return 1
+    values = parse_input(path)
+    try:
+        gpu = int(values["GPUID"])
+        if not 0 <= gpu < int(control["gpus"]):
+            raise ValueError
+    except (KeyError, ValueError):
+        print(f"FATAL ERROR: invalid GPUID {values.get('GPUID')!r} "
+              f"({control['gpus']} device(s) visible)", flush=True)
+        return 1
+    for key in ("OutputDir", "BeamNumbers"):
+        if key not in values:
+            print(f"FATAL ERROR: {key} is missing from {path}", flush=True)
+            return 1
+    beam = values["BeamNumbers"]
+    mode = control["fail"].get(str(beam))
+    batches = int(control["batches"])
+    _simctl.record(control, "tps_env", "start", beam=beam, gpu=gpu, input=str(path))
+
+    lock = None
+    state = _simctl.state_dir(control)
+    if state is not None:
+        lock = open(state / f"gpu{gpu}.sim-lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _simctl.record(control, "tps_env", "collision", beam=beam, gpu=gpu)
+        (state / f"gpu{gpu}.busy").write_text(str(os.getpid()))
+    try:
+        print(f"Simulating beam {beam} on GPU {gpu} with {batches} batches", flush=True)
+        for i in range(1, batches + 1):
+            if mode == "hang" and i > batches // 2:
+                while True:
+                    time.sleep(3600)
+            if mode == "fatal" and i > batches // 2:
+                print("FATAL ERROR: simulated failure: particle transport diverged", flush=True)
+                _simctl.record(control, "tps_env", "end", beam=beam, gpu=gpu, ok=False)
+                return 1
+            if mode == "segfault" and i > batches // 2:
+                print("Segmentation fault (core dumped)", flush=True)
+                _simctl.record(control, "tps_env", "end", beam=beam, gpu=gpu, ok=False)
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(float(control["duration"]) / batches)
+            print(f"Generating particles for ({i} of {batches} batches)", flush=True)
+            if mode == "error_line" and i == 1:
+                print("ERROR: simulated dose scorer overflow", flush=True)
+        out = Path(values["OutputDir"])
+        out.mkdir(parents=True, exist_ok=True)
+        frames, rows, cols = GRID
+        voxels = [float((f + 1) * (r + c) % 7) * 0.01 for f in range(frames)
+                  for r in range(rows) for c in range(cols)]
+        (out / f"Dose_beam{beam}.raw").write_bytes(struct.pack(f"<{len(voxels)}f", *voxels))
+        (out / f"Dose_beam{beam}.json").write_text(json.dumps(
+            {"beam": beam, "frames": frames, "rows": rows, "columns": cols,
+             "spacing_mm": [2.0, 2.0, 2.0], "format": values.get("OutputFormat", "raw"),
+             "gpu": gpu, "simulated": True}))
+        _simctl.record(control, "tps_env", "end", beam=beam, gpu=gpu, ok=mode is None)
+        if mode != "no_success":
+            print(f"Total execution time: {time.monotonic() - started:.2f} seconds", flush=True)
+        return 0
+    finally:
+        if state is not None:
+            (state / f"gpu{gpu}.busy").unlink(missing_ok=True)
+        if lock is not None:
+            lock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
