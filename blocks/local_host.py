@@ -14,6 +14,7 @@ import os
 import selectors
 import signal
 import subprocess
+import sys
 import time
 
 from prefect.blocks.core import Block
@@ -41,6 +42,11 @@ class LocalHost(Block):
     _documentation_url = "https://docs.python.org/3/library/subprocess.html"
 
     shell: str = Field(default="/bin/sh", description="Shell that interprets each command.")
+    working_dir: str | None = Field(
+        default=None, description="Folder commands run in when no cwd is given.")
+    prefer_this_python: bool = Field(
+        default=False, description="Put the folder of the Python running this block first on "
+                                   "PATH, so `python3` in commands is this environment's.")
     kill_grace_period: float = Field(
         default=5.0, ge=0,
         description="Seconds between SIGTERM and SIGKILL when a command's process group is killed.")
@@ -78,9 +84,13 @@ class LocalHost(Block):
         for name in env or {}:
             if not ENV_NAME.match(name):
                 raise ValueError(f"invalid environment variable name: {name!r}")
+        full_env = {**os.environ, **(env or {})}
+        if self.prefer_this_python:
+            full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + \
+                full_env.get("PATH", "")
         started = time.monotonic()
         proc = subprocess.Popen(
-            [self.shell, "-c", command], cwd=cwd, env={**os.environ, **(env or {})},
+            [self.shell, "-c", command], cwd=cwd or self.working_dir, env=full_env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True,
         )
@@ -148,6 +158,18 @@ class LocalHost(Block):
             return False
         self.kill_process_group(int(text))
         return True
+
+    def write_file(self, remote_path: str, data: bytes) -> None:
+        """Write one small file (parents created), atomically via a temp name."""
+        target = remote_path
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        part = os.path.join(os.path.dirname(target), part_name(os.path.basename(target)))
+        try:
+            with open(part, "wb") as fh:
+                fh.write(data)
+            os.replace(part, target)
+        except OSError as exc:
+            raise TransferError(f"cannot write {remote_path}: {exc}") from exc
 
     def upload(self, local_dir: str | os.PathLike[str], remote_dir: str) -> TransferResult:
         """Copy a tree into ``remote_dir`` on this machine (same semantics as RemoteHost)."""

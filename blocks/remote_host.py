@@ -649,6 +649,21 @@ class RemoteHost(Block):
         result.seconds = time.monotonic() - started
         return result
 
+    def write_file(self, remote_path: str, data: bytes) -> None:
+        """Write one small file on the host (parents created), atomically via a temp name."""
+        directory, _, name = remote_path.rpartition("/")
+        sftp = self._open_sftp()
+        try:
+            self._remote_mkdirs(sftp, directory or ".", [])
+            part = f"{directory}/{part_name(name)}" if directory else part_name(name)
+            with sftp.open(part, "wb") as fh:
+                fh.write(data)
+            sftp.posix_rename(part, remote_path)
+        except OSError as exc:
+            raise TransferError(f"cannot write {self.address}:{remote_path}: {exc}") from exc
+        finally:
+            sftp.close()
+
     def _remove_parts(self, remote_dir: str, relpaths: list[str]) -> None:
         names = b"".join(b"./" + part_name(r).encode("utf-8", "surrogateescape") + b"\0"
                          for r in relpaths)

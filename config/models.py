@@ -133,6 +133,12 @@ class HostSettings(Section):
     keepalive_seconds: Annotated[int, Field(ge=0)] = 30
     connect_retries: Annotated[int, Field(ge=0, le=20)] = 3
     kill_grace_seconds: Seconds = 5.0
+    working_dir: LocalPath | None = Field(
+        default=None, description="local hosts: folder commands run in (default: the current "
+        "one).")
+    prefer_this_python: bool = Field(
+        default=False, description="local hosts: put the Python that runs MQI Communicator "
+        "first on PATH, so `python3` in commands is the one with its packages (the demo).")
 
 
 class GpuSettings(Section):
@@ -150,7 +156,8 @@ class GpuSettings(Section):
         "mqi-gpu"
     lease_seconds: Annotated[int, Field(ge=60)] = 300
     lock_dir: RemotePath = "/tmp/mqi/gpu-locks"
-    set_cuda_visible_devices: bool = True
+    set_cuda_visible_devices: bool = False
+    poll_seconds: PositiveSeconds = 2.0
 
 
 class RestartPolicy(Section):
@@ -262,10 +269,14 @@ def cross_section_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
     """Checks that need more than one section; returns (key path, message) pairs."""
     issues: list[tuple[str, str]] = []
     for name, host in cfg.hosts.items():
-        if host.kind == "ssh":
-            for key in ("hostname", "username"):
-                if not getattr(host, key):
-                    issues.append((f"hosts.{name}.{key}", "required for an ssh host"))
+        if host.kind != "ssh":
+            continue
+        for key in ("hostname", "username"):
+            if not getattr(host, key):
+                issues.append((f"hosts.{name}.{key}", "required for an ssh host"))
+        if host.working_dir or host.prefer_this_python:
+            issues.append((f"hosts.{name}", "working_dir and prefer_this_python are for "
+                                            "local hosts only"))
     if cfg.gpu.host not in cfg.hosts:
         issues.append(("gpu.host", f"no host named {cfg.gpu.host!r} in hosts "
                                    f"(have: {', '.join(cfg.hosts) or 'none'})"))
