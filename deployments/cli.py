@@ -183,7 +183,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
-        print(format_table(rows))
+        print(format_table(rows, only_failed=args.failed))
     return 0
 
 

@@ -70,6 +70,8 @@ def client_env(cfg: MqiConfig) -> dict[str, str]:
     return {
         "PREFECT_API_URL": cfg.prefect.effective_api_url,
         "PREFECT_HOME": str(prefect_home(cfg)),
+        # Cached stage results: a rerun finds them here whichever process runs it.
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(prefect_home(cfg) / "storage"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RUNNER_POLL_FREQUENCY": str(cfg.prefect.runner_poll_seconds),
     }

@@ -106,10 +106,10 @@ def case_statuses(only_failed: bool = False, limit: int = 2000) -> list[CaseStat
         return out
 
 
-def format_table(rows: list[CaseStatus]) -> str:
+def format_table(rows: list[CaseStatus], only_failed: bool = False) -> str:
     """Human-readable lines: case, status, steps, GPUs, started, duration, reason."""
     if not rows:
-        return "no cases yet"
+        return "no failed cases" if only_failed else "no cases yet"
     lines = [f"{'CASE':<34} {'STATUS':<26} {'GPU':<22} {'STARTED':<20} {'DURATION':>9}  REASON"]
     for r in rows:
         reason = (r.reason or "").splitlines()[0][:120] if r.reason else ""

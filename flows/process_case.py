@@ -311,7 +311,11 @@ def kill_remote_processes(flow: Any, flow_run: Any, state: Any) -> None:
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
-    return f"case-{Path(str(flow_run.parameters.get('case_dir', ''))).name}"
+    name = Path(str(flow_run.parameters.get("case_dir", ""))).name
+    try:
+        return f"case-{validate_case_id(name, get_config().cases.id_pattern)}"
+    except ValueError:
+        return "case-(invalid id)"  # never put an unchecked folder name anywhere
 
 
 # -------------------------------------------------------------------------- flow
@@ -424,8 +428,11 @@ def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, layout: RemoteLayout,
                 break  # its upstream failed: that one is reported
             try:
                 future.result()
+            except StageFailed as exc:  # already names the step and the beam
+                failures.append(str(exc).splitlines()[0])
             except Exception as exc:  # noqa: BLE001 - collected, reported together
-                failures.append(f"beam {beam_number} {step}: {str(exc).splitlines()[0]}")
+                failures.append(f"{step} [beam {beam_number}]: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}")
             break
     return sims, failures
 

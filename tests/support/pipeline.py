@@ -1,0 +1,112 @@
+"""A whole test installation: config pointing at the real sshd, the simulators and a
+real Prefect server, plus helpers to read what the simulators recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from config import DEFAULT_PATH
+from tests.support.sshd import SshServer, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SIMULATORS = REPO / "tests" / "simulators"
+GPU_QUERY = ("--query-gpu=index,uuid,name,memory.total,memory.used,memory.free,"
+             "utilization.gpu,temperature.gpu --format=csv,noheader,nounits")
+APPS_QUERY = "--query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader,nounits"
+
+
+@dataclass
+class Installation:
+    root: Path
+    config: Path
+    control: Path
+    record: Path
+    state: Path
+    scan_root: Path
+    results: Path
+    remote_root: Path
+    api_url: str
+
+    def set_control(self, **values: Any) -> None:
+        """Steer the simulators (duration, batches, gpus, fail); record/state are kept."""
+        data = {"duration": 1.0, "batches": 5, "gpus": 2, "fail": {},
+                "record": str(self.record), "state_dir": str(self.state)}
+        data.update(values)
+        self.control.write_text(json.dumps(data))
+
+    def events(self, tool: str | None = None) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        rows = [json.loads(line) for line in self.record.read_text().splitlines() if line]
+        return [r for r in rows if tool is None or r["tool"] == tool]
+
+    def sim_intervals(self) -> dict[int, list[tuple[float, float, str]]]:
+        """GPU index -> [(start, end, beam)] of every finished simulated MOQUI run."""
+        starts: dict[int, dict[str, Any]] = {}
+        by_gpu: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+        for e in self.events("tps_env"):
+            if e["event"] == "start":
+                starts[e["pid"]] = e
+            elif e["event"] == "end" and e["pid"] in starts:
+                s = starts.pop(e["pid"])
+                by_gpu[e["gpu"]].append((s["t"], e["t"], f"{s['input']}"))
+        return by_gpu
+
+    def env(self) -> dict[str, str]:
+        """Environment for `mqi` subprocesses of this installation."""
+        return {**os.environ, "MQI_CONFIG_PATH": str(self.config),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+    def mqi(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "deployments.cli", *args],
+                              capture_output=True, text=True, env=self.env(), timeout=timeout,
+                              cwd=REPO)
+
+
+def write_installation(root: Path, sshd: SshServer, port: int | None = None) -> Installation:
+    """Write the config of a test installation under ``root`` (nothing started)."""
+    root.mkdir(parents=True, exist_ok=True)
+    inst = Installation(
+        root=root, config=root / "mqi.yaml", control=root / "control.json",
+        record=root / "sim-record.jsonl", state=root / "gpu-state", scan_root=root / "scan",
+        results=root / "results", remote_root=root / "remote",
+        api_url="")
+    port = port or free_port()
+    inst.api_url = f"http://127.0.0.1:{port}/api"
+    inst.scan_root.mkdir(exist_ok=True)
+    inst.set_control()
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    py = sys.executable
+    smi = f"{py} {SIMULATORS / 'nvidia_smi.py'} --control {inst.control}"
+    data["prefect"].update(server_port=port)
+    data["paths"] = {"data_dir": str(root / "data"), "results_root": str(inst.results),
+                     "remote_work_root": str(inst.remote_root), "clean_remote_work_dir": False}
+    data["scanner"]["target_directory"] = str(inst.scan_root)
+    data["hosts"] = {"gpu": {
+        "kind": "ssh", "hostname": "127.0.0.1", "port": sshd.port, "username": sshd.username,
+        "private_key_path": str(sshd.client_key), "known_hosts_path": str(sshd.known_hosts),
+        "connect_retries": 1, "kill_grace_seconds": 2.0}}
+    data["gpu"].update(query_command=f"{smi} {GPU_QUERY}", apps_command=f"{smi} {APPS_QUERY}",
+                       min_free_memory_mib=1024, lease_seconds=60,
+                       lock_dir=str(root / "gpu-locks"), poll_seconds=0.5,
+                       concurrency_limit=f"mqi-gpu-{port}")
+    data["tools"] = {
+        "python": py,
+        "interpreter": [str(SIMULATORS / "interpreter.py"), "--control", str(inst.control)],
+        "moqui": [py, str(SIMULATORS / "tps_env.py"), "--control", str(inst.control)],
+        "raw2dicom": [str(SIMULATORS / "raw2dicom.py"), "--control", str(inst.control)],
+    }
+    data["retries"] = {"default": {"retries": 0, "retry_delay_seconds": 0, "backoff_factor": 1,
+                                   "timeout_seconds": 300}, "steps": {}}
+    data["simulated"] = True
+    inst.config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return inst

@@ -1,0 +1,188 @@
+"""End to end: process_case against the real sshd, the simulators and a real Prefect server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from config import get_config, load_config
+from deployments import server
+from flows.synthetic_case import BROKEN_KINDS, write_case
+from tests.support.pipeline import REPO, Installation, write_installation
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def inst(tmp_path_factory: pytest.TempPathFactory, sshd) -> Iterator[Installation]:
+    """One installation and its Prefect server for the whole module."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    installation = write_installation(tmp_path_factory.mktemp("mqi"), sshd)
+    cfg = load_config(installation.config)
+    proc = server.start_server(cfg, installation.root / "server.log")
+    previous = os.environ.get("MQI_CONFIG_PATH")
+    os.environ["MQI_CONFIG_PATH"] = str(installation.config)
+    get_config.cache_clear()
+    try:
+        with temporary_settings(updates={
+                PREFECT_API_URL: installation.api_url,
+                PREFECT_LOCAL_STORAGE_PATH: server.prefect_home(cfg) / "storage"}):
+            yield installation
+    finally:
+        if previous is None:
+            os.environ.pop("MQI_CONFIG_PATH", None)
+        else:
+            os.environ["MQI_CONFIG_PATH"] = previous
+        get_config.cache_clear()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.fixture
+def fresh(inst: Installation) -> Installation:
+    inst.set_control()
+    inst.record.unlink(missing_ok=True)
+    return inst
+
+
+def run_case(case_dir: Path, workflow: str = "default_qa"):
+    from flows.process_case import process_case
+
+    return process_case(case_dir=str(case_dir), workflow=workflow, return_state=True)
+
+
+def active_slots(inst: Installation) -> dict[str, int]:
+    from prefect.client.orchestration import get_client
+
+    cfg = get_config()
+    with get_client(sync_client=True) as client:
+        limits = client.read_global_concurrency_limits(limit=100)
+    return {lim.name: lim.active_slots for lim in limits
+            if lim.name.startswith(cfg.gpu.concurrency_limit)}
+
+
+def test_three_beam_case_completes_on_two_gpus_with_overlap(fresh: Installation):
+    case = write_case(fresh.scan_root, "e2e-three", beams=3, layers=3, seed=1)
+    before = {p: p.stat().st_mtime_ns for p in case.rglob("*")}
+    started = time.monotonic()
+    state = run_case(case)
+    wall = time.monotonic() - started
+    assert state.is_completed(), state.message
+    result = state.result()
+
+    # every beam has a real RT Dose, labelled SIMULATED, downloaded and verified
+    doses = sorted((fresh.results / "e2e-three" / "dicom").glob("beam_*/*.dcm"))
+    assert [p.parent.name for p in doses] == ["beam_2", "beam_3", "beam_4"]
+    for path in doses:
+        ds = pydicom.dcmread(path)
+        assert ds.Modality == "RTDOSE" and "SIMULATED" in ds.SeriesDescription
+    report = (fresh.results / "e2e-three" / "report.md").read_text()
+    assert "SIMULATED" in report and "| 3 | F2 | G1 | 1 |" in report
+    assert set(result["gpus"].values()) <= {0, 1}
+
+    # the simulators' own record: beams overlapped in time, never two on one GPU
+    intervals = fresh.sim_intervals()
+    flat = sorted((s, e) for runs in intervals.values() for s, e, _ in runs)
+    assert len(flat) == 3
+    assert any(flat[i][1] > flat[i + 1][0] for i in range(len(flat) - 1)), "no overlap"
+    assert not [e for e in fresh.events("tps_env") if e["event"] == "collision"]
+    assert set(intervals) == {0, 1}
+    assert {p: p.stat().st_mtime_ns for p in case.rglob("*")} == before  # case untouched
+    assert active_slots(fresh) and all(v == 0 for v in active_slots(fresh).values())
+
+    # for the closing note: wall time vs the longest chain of simulated work
+    chain = max(e - s for runs in intervals.values() for s, e, _ in runs)
+    print(f"\n3-beam case wall time {wall:.1f} s; longest simulation {chain:.1f} s")
+
+
+@pytest.mark.parametrize("kind", BROKEN_KINDS)
+def test_broken_cases_fail_in_inspection_and_upload_nothing(fresh: Installation, kind: str):
+    case = write_case(fresh.scan_root, f"broken-{kind.replace('_', '-')}", broken=kind)
+    state = run_case(case)
+    assert state.is_failed()
+    assert "refused" in state.message
+    assert not (fresh.remote_root / case.name).exists()  # nothing was uploaded
+    assert fresh.events() == []  # no tool ran
+
+
+def test_failing_beam_fails_the_case_frees_the_gpu_and_rerun_resumes(fresh: Installation):
+    fresh.set_control(fail={"3": "fatal"})
+    case = write_case(fresh.scan_root, "e2e-resume", beams=3, layers=2, seed=2)
+    state = run_case(case)
+    assert state.is_failed()
+    assert "beam 3" in state.message and "FATAL ERROR" in state.message
+    assert all(v == 0 for v in active_slots(fresh).values())  # the GPU came back
+
+    status = fresh.mqi("status", "--failed")
+    assert status.returncode == 0, status.stderr
+    line = next(ln for ln in status.stdout.splitlines() if ln.startswith("e2e-resume"))
+    assert "FAILED" in line and "beam 3" in line
+
+    fresh.set_control()  # the fault is gone
+    rerun = fresh.mqi("rerun", "e2e-resume")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    starts = [e for e in fresh.events("tps_env") if e["event"] == "start"]
+    per_beam = {b: sum(1 for e in starts if e["beam"] == b) for b in ("2", "3", "4")}
+    assert per_beam == {"2": 1, "3": 2, "4": 1}  # only the failed beam ran again
+    assert len([e for e in fresh.events("interpreter") if e["event"] == "start"]) == 1
+    assert sorted(p.name for p in (fresh.results / "e2e-resume" / "dicom").glob("*/*.dcm")) \
+        == ["RTDOSE_beam2.dcm", "RTDOSE_beam3.dcm", "RTDOSE_beam4.dcm"]
+    status = fresh.mqi("status", "--json")
+    import json
+    rows = {r["case_id"]: r for r in json.loads(status.stdout)}
+    assert rows["e2e-resume"]["status"] == "COMPLETED"
+
+
+def test_six_cases_on_two_gpus_never_share_an_index(fresh: Installation):
+    fresh.set_control(duration=1.0, batches=4)
+    cases = [write_case(fresh.scan_root, f"e2e-six-{i}", beams=3, layers=2, seed=10 + i)
+             for i in range(6)]
+    procs = [subprocess.Popen([sys.executable, "-m", "deployments.cli", "run", str(c)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=fresh.env(), cwd=REPO) for c in cases]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, "\n".join(o[-2000:] for o in outputs)
+    intervals = fresh.sim_intervals()
+    assert sum(len(v) for v in intervals.values()) == 18
+    for gpu, runs in intervals.items():
+        runs.sort()
+        for (s1, e1, a), (s2, e2, b) in zip(runs, runs[1:], strict=False):
+            assert e1 <= s2, f"GPU {gpu}: {a} and {b} overlapped"
+    assert not [e for e in fresh.events("tps_env") if e["event"] == "collision"]
+    assert all(v == 0 for v in active_slots(fresh).values())
+
+
+def test_a_killed_flow_process_frees_its_gpu_slot_after_the_lease(fresh: Installation):
+    fresh.set_control(fail={"2": "hang"}, duration=2.0)
+    case = write_case(fresh.scan_root, "e2e-killed", beams=1, layers=2, seed=5)
+    proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "run", str(case)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=fresh.env(), cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(active_slots(fresh).values()):
+            time.sleep(0.5)
+        held = {k: v for k, v in active_slots(fresh).items() if v}
+        assert held, "the simulation never took a GPU slot"
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow process dies without a word
+        proc.wait()
+        lease = get_config().gpu.lease_seconds
+        killed_at = time.monotonic()
+        while time.monotonic() - killed_at < lease + 45 and any(active_slots(fresh).values()):
+            time.sleep(1)
+        assert not any(active_slots(fresh).values()), f"slots still held: {active_slots(fresh)}"
+        print(f"\nslot freed {time.monotonic() - killed_at:.0f} s after kill -9 "
+              f"(lease {lease} s)")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-f", str(fresh.control)], check=False)
