@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -137,7 +138,6 @@ def test_failing_beam_fails_the_case_frees_the_gpu_and_rerun_resumes(fresh: Inst
     assert sorted(p.name for p in (fresh.results / "e2e-resume" / "dicom").glob("*/*.dcm")) \
         == ["RTDOSE_beam2.dcm", "RTDOSE_beam3.dcm", "RTDOSE_beam4.dcm"]
     status = fresh.mqi("status", "--json")
-    import json
     rows = {r["case_id"]: r for r in json.loads(status.stdout)}
     assert rows["e2e-resume"]["status"] == "COMPLETED"
 
@@ -155,7 +155,7 @@ def test_six_cases_on_two_gpus_never_share_an_index(fresh: Installation):
     assert sum(len(v) for v in intervals.values()) == 18
     for gpu, runs in intervals.items():
         runs.sort()
-        for (s1, e1, a), (s2, e2, b) in zip(runs, runs[1:], strict=False):
+        for (_s1, e1, a), (s2, _e2, b) in zip(runs, runs[1:], strict=False):
             assert e1 <= s2, f"GPU {gpu}: {a} and {b} overlapped"
     assert not [e for e in fresh.events("tps_env") if e["event"] == "collision"]
     assert all(v == 0 for v in active_slots(fresh).values())
