@@ -1,27 +1,29 @@
 """GpuPool: which GPUs the GPU host has, and how a simulation gets exactly one of them.
 
-Three layers make "no two simulations on one GPU index at once" hold across
-processes and machines, and heal when one of them fails:
+Two layers make "no two simulations on one GPU index at once" hold across
+processes and machines (DESIGN.md §5, the second way):
 
-1. admission: one Prefect global concurrency limit (``<name>``) sized to the
-   usable GPUs; a task waits here (and says so in its log) while all are busy;
-2. the index: one limit of size 1 per GPU (``<name>-<index>``), tried in turn
-   without waiting; holding it is holding that GPU in Prefect's bookkeeping;
-3. the host: the simulation runs under ``flock -n`` on a per-index lock file
-   on the GPU host, which the kernel releases when the process dies, so even
-   a lost Prefect lease cannot put two simulations on one device.
-
-All limits are taken with ``strict=True`` (a missing limit is an error, not an
-unthrottled run) and with leases, so a crashed holder's slots come back.
+1. admission: one Prefect global concurrency limit sized to the usable GPUs,
+   taken with ``strict=True`` (a misspelt limit is an error, not an
+   unthrottled run) and a lease, so a crashed holder's slot comes back; a task
+   waits here, and says so in its log, while every GPU is busy;
+2. the index: the simulation runs under ``flock -n`` on a per-index lock file
+   on the GPU host. The kernel holds that lock exactly as long as the process
+   lives, so even when Prefect's bookkeeping is wrong (a lost lease, a
+   restarted server) two simulations can never share a device. A beam picks
+   an index whose lock is free; if it loses a race for it, the wrapper exits
+   LOCK_BUSY_EXIT at once and the beam picks again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
 import io
 import logging
 import shlex
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -173,8 +175,8 @@ class GpuPool(Block):
     min_free_memory_mib: int = Field(default=8192, description="Below this a GPU is skipped.")
     skip_gpus_with_foreign_processes: bool = Field(
         default=True, description="Skip a GPU running compute processes that are not ours.")
-    limit_name: str = Field(default="mqi-gpu", description="Admission limit; per-index limits "
-                                                           "are <limit_name>-<index>.")
+    limit_name: str = Field(default="mqi-gpu",
+                            description="Prefect global concurrency limit that admits simulations.")
     lease_seconds: int = Field(default=300, ge=60,
                                description="Lease of a held slot; a crashed holder's slot "
                                            "comes back after it.")
@@ -199,15 +201,12 @@ class GpuPool(Block):
                 and g.memory_free_mib >= self.min_free_memory_mib
                 and not (self.skip_gpus_with_foreign_processes and g.uuid in busy)]
 
-    def index_limit(self, index: int) -> str:
-        return f"{self.limit_name}-{index}"
-
-    def ensure_limits(self, host: CommandHost) -> list[GpuInfo]:
-        """Create or resize the admission and per-index limits from what the host has now.
+    def ensure_limit(self, host: CommandHost) -> list[GpuInfo]:
+        """Create or resize the admission limit to the GPUs the host has now.
 
         Returns:
-            The GPUs that pass the selection and memory filters (ignoring who runs on them:
-            our own running simulations show up as compute processes).
+            The GPUs that pass the selection (ignoring who runs on them: our own
+            running simulations show up as compute processes too).
         """
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import (
@@ -221,82 +220,48 @@ class GpuPool(Block):
         if not selected:
             raise GpuQueryError("the GPU host reports no GPU"
                                 + (f" among indices {self.indices}" if self.indices else ""))
-        wanted = {self.limit_name: len(selected)} | {self.index_limit(g.index): 1
-                                                    for g in selected}
         with get_client(sync_client=True) as client:
-            for name, size in wanted.items():
-                try:
-                    current = client.read_global_concurrency_limit_by_name(name)
-                except ObjectNotFound:
-                    client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=name, limit=size, active=True))
-                    continue
-                if current.limit != size or not current.active:
+            try:
+                current = client.read_global_concurrency_limit_by_name(self.limit_name)
+            except ObjectNotFound:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
+                    name=self.limit_name, limit=len(selected), active=True))
+            else:
+                if current.limit != len(selected) or not current.active:
                     client.update_global_concurrency_limit(
-                        name, GlobalConcurrencyLimitUpdate(limit=size, active=True))
+                        self.limit_name,
+                        GlobalConcurrencyLimitUpdate(limit=len(selected), active=True))
         return selected
 
     @contextlib.contextmanager
-    def acquire(self, host: CommandHost, logger: logging.Logger | logging.LoggerAdapter,
-                exclude: set[int] | None = None) -> Iterator[int]:
-        """Hold one concrete GPU index for the life of the ``with`` block.
+    def admission(self, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
+        """Hold one admission slot for the life of the ``with`` block.
 
-        Args:
-            host: Where the GPUs are (for reading them).
-            logger: Where waiting is reported (the task's run logger).
-            exclude: Indices not to take (found locked on the host by someone else).
-
-        Yields:
-            The GPU index, held exclusively until the block exits (however it exits).
+        Blocks while every GPU is in use; a watcher says so in the task's log after
+        a couple of seconds and every 30 s after that.
         """
         from prefect.concurrency.sync import concurrency
 
-        with self._admission(logger):
-            waited_since = time.monotonic()
-            said = 0.0
-            while True:
-                gpus, apps = self.read(host)
-                candidates = [g.index for g in self.usable(gpus, apps)
-                              if g.index not in (exclude or set())]
-                for index in candidates:
-                    slot = concurrency(self.index_limit(index), occupy=1, max_retries=0,
-                                       lease_duration=self.lease_seconds, strict=True)
-                    try:
-                        slot.__enter__()
-                    except Exception as exc:  # noqa: BLE001 - sorted out below
-                        if not _is_locked(exc):
-                            raise
-                        continue
-                    try:
-                        yield index
-                    except BaseException as exc:
-                        if not slot.__exit__(type(exc), exc, exc.__traceback__):
-                            raise
-                    else:
-                        slot.__exit__(None, None, None)
-                    return
-                if time.monotonic() - said > 30:
-                    said = time.monotonic()
-                    logger.info("waiting for a free GPU for %.0f s (%d usable of %d; others "
-                                "busy or below %d MiB free)", time.monotonic() - waited_since,
-                                len(candidates), len(gpus), self.min_free_memory_mib)
-                time.sleep(self.poll_seconds)
-
-    @contextlib.contextmanager
-    def _admission(self, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
-        from prefect.concurrency.sync import concurrency
-
         started = time.monotonic()
-        while True:
-            slot = concurrency(self.limit_name, occupy=1, timeout_seconds=30,
-                               lease_duration=self.lease_seconds, strict=True)
-            try:
-                slot.__enter__()
-            except TimeoutError:
+        admitted = threading.Event()
+
+        def say_waiting() -> None:
+            interval = 2.0
+            while not admitted.wait(interval):
                 logger.info("waiting for a GPU: all are in use (%.0f s so far)",
                             time.monotonic() - started)
-                continue
-            break
+                interval = 30.0
+
+        # The copied context carries Prefect's settings and run context into the thread.
+        watcher = threading.Thread(target=contextvars.copy_context().run, args=(say_waiting,),
+                                   daemon=True, name="mqi-gpu-wait")
+        watcher.start()
+        slot = concurrency(self.limit_name, occupy=1, lease_duration=self.lease_seconds,
+                           strict=True)
+        try:
+            slot.__enter__()
+        finally:
+            admitted.set()
         try:
             yield
         except BaseException as exc:
@@ -304,6 +269,37 @@ class GpuPool(Block):
                 raise
         else:
             slot.__exit__(None, None, None)
+
+    def locked_indices(self, host: CommandHost, indices: list[int]) -> set[int]:
+        """Indices whose lock file on the host is held by a running simulation now."""
+        if not indices:
+            return set()
+        script = (f"for i in {' '.join(str(int(i)) for i in indices)}; do "
+                  f"f={shlex.quote(self.lock_dir)}/gpu-$i.lock; "
+                  f'[ -e "$f" ] && ! flock -n "$f" true && echo "$i"; done; true')
+        out = host.run(script, stream=False, timeout=60).stdout
+        return {int(word) for word in out.split() if word.isdigit()}
+
+    def choose_index(self, host: CommandHost, logger: logging.Logger | logging.LoggerAdapter,
+                     spread: int = 0) -> int:
+        """A GPU index that is usable and unlocked now (waits, polling, until there is one).
+
+        ``spread`` (e.g. the beam number) picks among the free indices, so that beams
+        admitted together start on different GPUs instead of racing for the first.
+        """
+        said = time.monotonic()
+        while True:
+            gpus, apps = self.read(host)
+            locked = self.locked_indices(host, [g.index for g in gpus])
+            candidates = [g.index for g in self.usable(gpus, apps) if g.index not in locked]
+            if candidates:
+                return candidates[spread % len(candidates)]
+            if time.monotonic() - said > 30:
+                said = time.monotonic()
+                logger.info("admitted, but no GPU is free on the host (%d locked, %d below "
+                            "%d MiB or running foreign processes); waiting", len(locked),
+                            len(gpus) - len(self.usable(gpus, apps)), self.min_free_memory_mib)
+            time.sleep(self.poll_seconds)
 
     def locked_command(self, index: int, command: str) -> str:
         """``command`` wrapped so it runs only while holding GPU ``index``'s lock file on the
@@ -313,13 +309,3 @@ class GpuPool(Block):
         return (f"mkdir -p {lock_dir} && exec flock -n -E {LOCK_BUSY_EXIT} {lock} "
                 f"sh -c {shlex.quote(command)}")
 
-
-def _is_locked(exc: BaseException) -> bool:
-    """True when a non-waiting slot request failed only because the slot is taken (HTTP 423)."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        response = getattr(cause, "response", None)
-        if getattr(response, "status_code", None) == 423:
-            return True
-        cause = cause.__cause__
-    return False

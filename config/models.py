@@ -158,6 +158,7 @@ class GpuSettings(Section):
     lock_dir: RemotePath = "/tmp/mqi/gpu-locks"
     set_cuda_visible_devices: bool = False
     poll_seconds: PositiveSeconds = 2.0
+    max_slot_wait_seconds: PositiveSeconds = 1.0
 
 
 class RestartPolicy(Section):

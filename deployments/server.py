@@ -85,6 +85,10 @@ def server_env(cfg: MqiConfig) -> dict[str, str]:
         "PREFECT_SERVER_API_HOST": cfg.prefect.server_host,
         "PREFECT_SERVER_API_PORT": str(cfg.prefect.server_port),
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
+        # A beam waiting for a GPU re-asks after at most this long (Prefect's default
+        # of 30 s would leave a freed GPU idle that long).
+        "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS":
+            str(cfg.gpu.max_slot_wait_seconds),
         "PREFECT_UI_API_URL": cfg.prefect.effective_api_url,
     }
 

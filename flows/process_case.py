@@ -13,6 +13,7 @@ beam 2 and what follows it, and nothing else.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import shlex
 import time
@@ -171,10 +172,15 @@ def simulate_beam(case_id: str, beam_number: int, gantry_num: int | None, key: s
     layout = remote_layout(cfg, case_id)
     host = gpu_host(cfg)
     pool = gpu_pool(cfg)
-    locked_elsewhere: set[int] = set()
     waited_from = time.monotonic()
-    while True:
-        with pool.acquire(host, logger, exclude=locked_elsewhere) as index:
+    with pool.admission(logger):
+        logger.debug("beam %d: admitted after %.2f s", beam_number,
+                     time.monotonic() - waited_from)
+        for attempt in itertools.count():
+            t0 = time.monotonic()
+            index = pool.choose_index(host, logger, spread=beam_number + attempt)
+            logger.debug("beam %d: chose GPU %d in %.2f s", beam_number, index,
+                         time.monotonic() - t0)
             waited = time.monotonic() - waited_from
             gpuid = 0 if cfg.gpu.set_cuda_visible_devices else index
             env = {"CUDA_VISIBLE_DEVICES": str(index)} if cfg.gpu.set_cuda_visible_devices \
@@ -199,11 +205,11 @@ def simulate_beam(case_id: str, beam_number: int, gantry_num: int | None, key: s
                     beam=beam_number, env=env, on_line=progress.line,
                     success=lambda r: _moqui_verdict(cfg, r))
             except StageFailed as exc:
-                if f"exit code {LOCK_BUSY_EXIT}" in str(exc):
-                    # Someone outside Prefect's bookkeeping holds this GPU: try another.
-                    logger.warning("beam %d: GPU %d is locked on the host by another "
-                                   "process; choosing again", beam_number, index)
-                    locked_elsewhere.add(index)
+                if f"(exit code {LOCK_BUSY_EXIT})" in str(exc):
+                    # Another simulation took this GPU's lock first: choose again.
+                    logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
+                                beam_number, index)
+                    progress.finish(failed=True)
                     continue
                 progress.finish(failed=True)
                 raise
@@ -352,7 +358,7 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> dict[str, Any]:
             continue
         if GPU_STEP in steps[i:] and not sims and not failures:
             # Size the GPU limits to what the host has now (idempotent, cheap).
-            gpu_pool(cfg).ensure_limits(gpu_host(cfg))
+            gpu_pool(cfg).ensure_limit(gpu_host(cfg))
         chain = []  # consecutive per-beam steps run as one chain per beam, beams in parallel
         while i < len(steps) and steps[i] in BEAM_STEPS:
             chain.append(steps[i])

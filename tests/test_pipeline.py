@@ -44,6 +44,9 @@ def inst(tmp_path_factory: pytest.TempPathFactory, sshd) -> Iterator[Installatio
         else:
             os.environ["MQI_CONFIG_PATH"] = previous
         get_config.cache_clear()
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()  # ship queued run logs before the server goes away
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
 
@@ -186,3 +189,38 @@ def test_a_killed_flow_process_frees_its_gpu_slot_after_the_lease(fresh: Install
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-f", str(fresh.control)], check=False)
+
+
+@pytest.mark.parametrize("mode,reason", [
+    ("no_success", "no 'Total execution time' line"),
+    ("error_line", "log contains 'ERROR:'"),
+    ("segfault", "Segmentation fault"),
+])
+def test_a_simulation_succeeds_only_with_exit_0_the_success_line_and_no_failure_line(
+        fresh: Installation, mode: str, reason: str):
+    fresh.set_control(fail={"2": mode}, duration=0.4)
+    case = write_case(fresh.scan_root, f"e2e-verdict-{mode.replace('_', '-')}", beams=1,
+                      layers=2, seed=7)
+    state = run_case(case)
+    assert state.is_failed()
+    assert "run_moqui_sim [beam 2] failed" in state.message and reason in state.message
+    assert all(v == 0 for v in active_slots(fresh).values())
+
+
+def test_a_gpu_locked_on_the_host_is_never_shared(fresh: Installation, sshd):
+    """Prefect's bookkeeping knows nothing of this process; the host lock still keeps it
+    alone on GPU 0, and every beam runs on GPU 1."""
+    lock_dir = Path(get_config().gpu.lock_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(["flock", str(lock_dir / "gpu-0.lock"), "sleep", "120"])
+    try:
+        time.sleep(0.3)
+        fresh.set_control(duration=0.5)
+        case = write_case(fresh.scan_root, "e2e-locked", beams=2, layers=2, seed=8)
+        state = run_case(case)
+        assert state.is_completed(), state.message
+        assert set(state.result()["gpus"].values()) == {1}
+        assert set(fresh.sim_intervals()) == {1}
+    finally:
+        holder.kill()
+        holder.wait()
