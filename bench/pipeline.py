@@ -93,7 +93,7 @@ def main() -> None:
     finally:
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()  # ship queued run logs before the server goes away
+        APILogHandler().flush()  # ship queued run logs before the server goes away
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
         sshd.stop()

@@ -46,7 +46,7 @@ def inst(tmp_path_factory: pytest.TempPathFactory, sshd) -> Iterator[Installatio
         get_config.cache_clear()
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()  # ship queued run logs before the server goes away
+        APILogHandler().flush()  # ship queued run logs before the server goes away
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
 
