@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import pytest
 from blocks.gpu_pool import GpuPool, GpuQueryError, parse_compute_apps, parse_gpu_query
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "nvidia-h100"
+# The captures live in the shared folder beside the repository (CI lays it there too).
+FIXTURES = Path(os.environ.get("MQI_SHARED_DIR", REPO.parent / "shared")) / "fixtures" / \
+    "nvidia-h100"
 SIM = REPO / "tests" / "simulators" / "nvidia_smi.py"
 
 
