@@ -93,9 +93,11 @@ def main() -> None:
     finally:
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler().flush()  # ship queued run logs before the server goes away
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        try:
+            APILogHandler().flush()  # ship queued run logs before the server goes away
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
         sshd.stop()
         shutil.rmtree(work, ignore_errors=True)
 

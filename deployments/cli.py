@@ -2,6 +2,7 @@
 
     mqi config check [PATH]        validate a configuration; print it resolved, secrets masked
     mqi up [--config PATH]         start the system on this machine and print the UI address
+    mqi demo [--once]              the system on the demo profile, with one synthetic case
     mqi run CASE_DIR [--workflow W]   process one case in the foreground
     mqi status [--failed] [--json]    one line per case, from the Prefect API
     mqi rerun CASE_ID | --all-failed  run failed cases again; finished stages are not repeated
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -23,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from config import ConfigError, MqiConfig, config_path, load_config
+from config import DEMO_PATH, ConfigError, MqiConfig, config_path, load_config
 from deployments import server
 
 EXIT_CONFIG = 2
@@ -76,40 +78,108 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
+    config_file = config_path(args.config).resolve()
+    return _run_system(cfg, config_file, on_up=None)
+
+
+def _run_system(cfg: MqiConfig, config_file: Path, on_up: Any) -> int:
+    """Bring everything up, call ``on_up(stop_requested)`` once it is, supervise until a
+    signal (or ``on_up`` returning True), then stop everything."""
+    from deployments.supervisor import ChildFailed
+    from deployments.up import AlreadyRunning, bring_up, take_instance_lock
+
+    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
+    try:
+        lock = take_instance_lock(cfg)
+    except AlreadyRunning as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     api = cfg.prefect.effective_api_url
-    proc = None
-    if cfg.prefect.api_url is not None:
-        if not server.is_healthy(api):
-            print(f"error: the Prefect API at {api} (prefect.api_url) is not reachable",
-                  file=sys.stderr)
-            return EXIT_RUNTIME
-    elif server.is_healthy(api):
+    if cfg.prefect.api_url is not None and not server.is_healthy(api):
+        print(f"error: the Prefect API at {api} (prefect.api_url) is not reachable",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+    if cfg.prefect.api_url is None and server.is_healthy(api):
         print(f"error: a Prefect server already answers at {api}; stop it first, or set "
               f"prefect.api_url to use it", file=sys.stderr)
         return EXIT_RUNTIME
-    else:
-        log_file = Path(cfg.paths.data_dir) / "logs" / "server.log"
-        print(f"starting the Prefect server at {api} (log: {log_file}) ...", flush=True)
-        try:
-            proc = server.start_server(cfg, log_file)
-        except server.ServerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_RUNTIME
+    received: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    print(f"starting MQI Communicator (config {config_file}, data {cfg.paths.data_dir}) ...",
+          flush=True)
+    try:
+        supervisor = bring_up(cfg, config_file)
+    except (ChildFailed, server.ServerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     print(f"MQI Communicator is up. Dashboard: {server.ui_url(cfg)}", flush=True)
-    stop = _wait_for_signal(proc)
-    if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except Exception:  # noqa: BLE001 - a server that ignores SIGTERM gets SIGKILL
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if stop == "exited":
-        print(f"error: the Prefect server exited with code {proc.returncode if proc else '?'}",
-              file=sys.stderr)
+    print(f"watching {cfg.scanner.target_directory} for cases; Ctrl+C stops everything",
+          flush=True)
+    reason = None
+    try:
+        finished = on_up(lambda: bool(received)) if on_up else False
+        if not finished:
+            reason = supervisor.watch(lambda: bool(received))
+    finally:
+        supervisor.stop_all()
+        lock.close()
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
         return EXIT_RUNTIME
     print("stopped.")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    path = args.config or str(DEMO_PATH)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    config_file = Path(path).resolve()
+    scan_root = Path(cfg.scanner.target_directory)
+    outcome: dict[str, bool] = {}
+
+    def drop_case_and_wait(stopping: Any) -> bool:
+        from deployments.status import case_statuses
+        from flows.synthetic_case import write_case
+
+        scan_root.mkdir(parents=True, exist_ok=True)
+        case_id = time.strftime("DEMO-%Y%m%d-%H%M%S")
+        staging = scan_root.parent / ".demo-staging"
+        case = write_case(staging, case_id, beams=3, layers=4)
+        os.replace(case, scan_root / case_id)  # appears complete, in one step
+        (scan_root / case_id / cfg.scanner.ready_marker).write_text("")
+        print(f"dropped a synthetic 3-beam case (SIMULATED): {scan_root / case_id}", flush=True)
+        deadline = time.monotonic() + args.timeout
+        row = None
+        while time.monotonic() < deadline and not stopping():
+            rows = [r for r in case_statuses() if r.case_id == case_id]
+            row = rows[0] if rows else None
+            if row and row.status in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(1)
+        if row is None or row.status != "COMPLETED":
+            print(f"demo case {case_id}: {row.status if row else 'never started'} "
+                  f"{(row.reason or '') if row else ''}", file=sys.stderr)
+            outcome["ok"] = False
+            return args.once
+        results = Path(cfg.paths.results_root) / case_id
+        print(f"demo case {case_id}: COMPLETED in {row.duration_s} s (SIMULATED)")
+        for dose in sorted(results.glob("dicom/*/*.dcm")):
+            print(f"  RT Dose: {dose}")
+        print(f"  report:  {results / 'report.md'}")
+        print(f"Dashboard: {server.ui_url(cfg)}", flush=True)
+        outcome["ok"] = True
+        return args.once
+
+    code = _run_system(cfg, config_file, on_up=drop_case_and_wait)
+    if code == 0 and args.once and not outcome.get("ok"):
+        return EXIT_RUNTIME
+    return code
 
 
 def _load_for_work(path: str | None) -> MqiConfig:
@@ -228,22 +298,6 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0 if ok else EXIT_RUNTIME
 
 
-def _wait_for_signal(proc: Any) -> str:
-    """Block until SIGINT/SIGTERM ("signal") or the server exits ("exited")."""
-    received: list[int] = []
-
-    def handler(signum: int, _frame: Any) -> None:
-        received.append(signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    while not received:
-        if proc is not None and proc.poll() is not None:
-            return "exited"
-        time.sleep(0.2)
-    return "signal"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqi", description="MQI Communicator: automated treatment verification with MOQUI.")
@@ -260,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the system on this machine")
     up.add_argument("--config", help="configuration file (default: $MQI_CONFIG_PATH)")
     up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="start the system on the demo profile, process one "
+                                       "synthetic case, and keep running")
+    demo.add_argument("--once", action="store_true",
+                      help="stop after the demo case; exit 0 only if it COMPLETED")
+    demo.add_argument("--timeout", type=float, default=600,
+                      help="seconds to wait for the demo case")
+    demo.add_argument("--config", help="configuration file (default: the demo profile)")
+    demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="process one case in the foreground; exit 0 only when it "
                                      "COMPLETED")

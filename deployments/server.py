@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 
 from config import MqiConfig
+from deployments.supervisor import die_with_parent
 
 # Held GPU slots must survive a server restart; the in-memory lease store would
 # leak them for good (see DESIGN.md §5).
@@ -122,7 +123,7 @@ def start_server(cfg: MqiConfig, log_file: Path, timeout: float = 90.0) -> subpr
             [sys.executable, "-m", "prefect", "server", "start",
              "--host", cfg.prefect.server_host, "--port", str(cfg.prefect.server_port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
     deadline = time.monotonic() + timeout
     api = cfg.prefect.effective_api_url
     while time.monotonic() < deadline:

@@ -53,6 +53,7 @@ def case_statuses(only_failed: bool = False, limit: int = 2000) -> list[CaseStat
         FlowRunFilter,
         FlowRunFilterId,
         TaskRunFilter,
+        TaskRunFilterState,
         TaskRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
@@ -81,8 +82,8 @@ def case_statuses(only_failed: bool = False, limit: int = 2000) -> list[CaseStat
             if state_type == "RUNNING":
                 tasks = client.read_task_runs(
                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-                    task_run_filter=TaskRunFilter(
-                        state=TaskRunFilterStateType(any_=[StateType.RUNNING])))
+                    task_run_filter=TaskRunFilter(state=TaskRunFilterState(
+                        type=TaskRunFilterStateType(any_=[StateType.RUNNING]))))
                 running = sorted(t.name for t in tasks)
             artifacts = client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(

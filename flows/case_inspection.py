@@ -85,6 +85,43 @@ def manifest_digest(manifest: dict[str, ManifestEntry]) -> str:
     return h.hexdigest()
 
 
+def content_signature(case_dir: str | os.PathLike[str], ignore: set[str]) -> tuple[int, int,
+                                                                                   int]:
+    """(files, bytes, newest mtime ns) of a case folder: cheap, changes when content does."""
+    count = size = newest = 0
+    for dirpath, _, filenames in os.walk(case_dir):
+        for name in filenames:
+            if Path(dirpath) == Path(case_dir) and name in ignore:
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            count += 1
+            size += st.st_size
+            newest = max(newest, st.st_mtime_ns)
+    return count, size, newest
+
+
+def content_digest(case_dir: str | os.PathLike[str], ignore: set[str]) -> str:
+    """The manifest digest of whatever regular files a folder holds (links skipped).
+
+    Unlike ``inspect_case`` this never refuses: it names the content of a case
+    that may be broken, so that the same broken content is not submitted twice.
+    """
+    root = Path(case_dir)
+    manifest = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            full = Path(dirpath) / name
+            if (Path(dirpath) == root and name in ignore) or full.is_symlink() \
+                    or not full.is_file():
+                continue
+            manifest[full.relative_to(root).as_posix()] = ManifestEntry(
+                size=full.stat().st_size, sha256=sha256_file(full))
+    return manifest_digest(manifest)
+
+
 def _walk(case_dir: Path, ignore: set[str]) -> list[Path]:
     """Every regular file of the case; a link or an escape is a refusal."""
     files = []

@@ -46,9 +46,11 @@ def inst(tmp_path_factory: pytest.TempPathFactory, sshd) -> Iterator[Installatio
         get_config.cache_clear()
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler().flush()  # ship queued run logs before the server goes away
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        try:
+            APILogHandler().flush()  # ship queued run logs before the server goes away
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
 
 
 @pytest.fixture
@@ -176,6 +178,13 @@ def test_a_killed_flow_process_frees_its_gpu_slot_after_the_lease(fresh: Install
             time.sleep(0.5)
         held = {k: v for k, v in active_slots(fresh).items() if v}
         assert held, "the simulation never took a GPU slot"
+        deadline = time.monotonic() + 30
+        row: dict = {}
+        while time.monotonic() < deadline and not row.get("gpus"):
+            status = fresh.mqi("status", "--json")
+            row = {r["case_id"]: r for r in json.loads(status.stdout)}.get("e2e-killed", {})
+            time.sleep(0.5)
+        assert row["status"] == "RUNNING_run_moqui_sim" and row["gpus"], row
         os.killpg(proc.pid, signal.SIGKILL)  # the flow process dies without a word
         proc.wait()
         lease = get_config().gpu.lease_seconds

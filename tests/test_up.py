@@ -1,67 +1,145 @@
-"""`mqi up` on a temp data dir: starts the embedded Prefect server, refuses a second
-instance, and leaves no process behind on SIGTERM."""
+"""`mqi up` as a user runs it: server, serve and sensor supervised; cases dropped in
+(slowly, file by file) start exactly one flow run each; a second instance is
+refused; a crashed sensor is restarted without duplicating runs; SIGTERM leaves
+no process behind."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from config import DEMO_PATH
-from tests.support.sshd import free_port
+from deployments.supervisor import descendants
+from flows.synthetic_case import write_case
+from tests.support.pipeline import REPO, Installation, write_installation
 
 pytestmark = pytest.mark.integration
 
 
-def pgrep(pattern: str) -> list[str]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-    return out.split()
+def flow_runs(api: str, case_id: str) -> list[dict]:
+    response = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
+        "flow_runs": {"name": {"any_": [f"case-{case_id}"]}}, "limit": 50})
+    response.raise_for_status()
+    return response.json()
 
 
-def test_up_starts_the_server_and_stops_cleanly(tmp_path):
-    port = free_port()
-    data = yaml.safe_load(DEMO_PATH.read_text())
-    data["paths"]["data_dir"] = str(tmp_path / "data")
-    data["prefect"]["server_port"] = port
-    config = tmp_path / "mqi.yaml"
-    config.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "deployments.cli", "up", "--config", str(config)]
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def state_of(api: str, case_id: str) -> str | None:
+    runs = flow_runs(api, case_id)
+    return runs[0]["state"]["type"] if len(runs) == 1 else None
+
+
+def copy_slowly(src: Path, dst: Path, pause: float) -> None:
+    """Copy a case the way a network share delivers it: one file at a time."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            time.sleep(pause)
+
+
+@pytest.fixture
+def inst(tmp_path, sshd) -> Installation:
+    installation = write_installation(tmp_path / "mqi", sshd)
+    data = yaml.safe_load(installation.config.read_text())
+    data["scanner"].update(stability_seconds=2.0, rescan_interval_seconds=5.0)
+    data["processes"] = {"start": ["server", "serve", "sensor"],
+                         "restart": {"max_restarts": 3, "backoff_initial_seconds": 0.5,
+                                     "backoff_max_seconds": 2.0}}
+    installation.config.write_text(yaml.safe_dump(data, sort_keys=False))
+    installation.set_control(duration=0.5, batches=2)
+    return installation
+
+
+def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
+    api = inst.api_url
+    cmd = [sys.executable, "-m", "deployments.cli", "up", "--config", str(inst.config)]
     up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env)
+                          env=inst.env(), cwd=REPO)
+    children: list[int] = []
     try:
-        lines = []
-        deadline = time.monotonic() + 90
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             line = up.stdout.readline()
-            if not line:
-                break
             lines.append(line)
-            if "Dashboard:" in line:
+            if not line or "Dashboard:" in line:
                 break
-        assert any(f"Dashboard: http://127.0.0.1:{port}" in line for line in lines), lines
-        assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).json() is True
-        assert (tmp_path / "data" / "prefect" / "mqi.db").exists()  # SQLite under the data dir
-        assert pgrep(f"prefect server start .*--port {port}")
+        assert any(f"Dashboard: {api.removesuffix('/api')}" in ln for ln in lines), lines
+        children = descendants(up.pid)
 
-        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-        assert second.returncode == 1 and "already answers" in second.stderr
+        # 1. a case arriving slowly never starts early, then starts exactly once
+        staged = write_case(tmp_path / "staging", "slow-case", beams=2, layers=2, seed=1)
+        copy_slowly(staged, inst.scan_root / "slow-case", pause=0.15)
+        assert flow_runs(api, "slow-case") == []  # files still arriving: nothing started
+        assert wait_for(lambda: state_of(api, "slow-case") == "COMPLETED", 180,
+                        "slow-case to complete")
 
+        # 2. a marker starts a case at once (no stability wait)
+        staged = write_case(tmp_path / "staging", "marked-case", beams=1, layers=2, seed=2)
+        os.replace(staged, inst.scan_root / "marked-case")
+        (inst.scan_root / "marked-case" / "_CASE_READY").write_text("")
+        assert wait_for(lambda: flow_runs(api, "marked-case"), 10, "marked-case to start")
+
+        # 3. duplicate events (same content rewritten, touched) start nothing new
+        for path in list((inst.scan_root / "slow-case").rglob("*.ptn"))[:3]:
+            path.write_bytes(path.read_bytes())
+            os.utime(path)
+
+        # 4. a crashed sensor is restarted, rescans, and duplicates nothing
+        sensor = [p for p in descendants(up.pid)
+                  if b"deployments.sensor" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(sensor) == 1
+        os.kill(sensor[0], signal.SIGKILL)
+        wait_for(lambda: [p for p in descendants(up.pid) if p != sensor[0] and
+                          b"deployments.sensor" in Path(f"/proc/{p}/cmdline").read_bytes()],
+                 30, "the sensor to be restarted")
+        assert wait_for(lambda: state_of(api, "marked-case") == "COMPLETED", 180,
+                        "marked-case to complete")
+        time.sleep(6)  # past the stability window and a rescan
+        assert len(flow_runs(api, "slow-case")) == 1
+        assert len(flow_runs(api, "marked-case")) == 1
+
+        # 5. a second instance on the same data dir is refused
+        second = subprocess.run(cmd, capture_output=True, text=True, env=inst.env(),
+                                timeout=60, cwd=REPO)
+        assert second.returncode == 1 and "another `mqi up`" in second.stderr
+
+        # 6. SIGTERM stops everything: no child, grandchild or flow-run process is left
+        children = descendants(up.pid)
+        assert children
         up.send_signal(signal.SIGTERM)
-        assert up.wait(60) == 0
-        deadline = time.monotonic() + 10
-        while pgrep(f"prefect server start .*--port {port}") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert pgrep(f"prefect server start .*--port {port}") == []
+        assert up.wait(90) == 0
+        time.sleep(0.5)
+        left = [p for p in children if Path(f"/proc/{p}").exists() and
+                Path(f"/proc/{p}/stat").read_bytes().rpartition(b")")[2].split()[0] != b"Z"]
+        assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes() for p in left]
     finally:
         if up.poll() is None:
             up.kill()
             up.wait()
-        for pid in pgrep(f"prefect server start .*--port {port}"):
-            os.kill(int(pid), signal.SIGKILL)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,285 @@
+"""The sensor: watch the scan root and start one ``process_case`` run per complete case.
+
+A case folder is complete when a ``_CASE_READY`` marker is in it, or when no
+file in it has changed for ``scanner.stability_seconds`` and inspection finds
+all its beam folders. Files still arriving over a network share never trigger
+a run. Each start carries an idempotency key made of the case id and a digest
+of the case's content: duplicate file events, the catch-up scan at start, a
+periodic rescan, a restarted sensor or a second sensor all name the same run,
+and Prefect creates it once. Changed content (a re-delivered beam) is a new key
+and a new run.
+
+    python -m deployments.sensor [--config PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from config import MqiConfig
+from flows.case_inspection import (
+    CaseRejected,
+    content_digest,
+    content_signature,
+    inspect_case,
+)
+from flows.commands import CaseIdError, validate_case_id
+
+log = logging.getLogger("mqi.sensor")
+
+DEPLOYMENT = "process_case/process-case"
+StartCase = Callable[[str, str, str], str]
+"""start(case_dir, case_id, idempotency_key) -> flow run id"""
+
+
+@dataclass
+class Candidate:
+    """A case folder the sensor has seen and not yet started for its current content."""
+
+    name: str
+    first_seen: float
+    last_event: float
+    reported: set[str] = field(default_factory=set)
+
+
+def start_with_prefect(case_dir: str, case_id: str, key: str) -> str:
+    """Create the flow run through the deployment (returns at once; the runner runs it)."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        DEPLOYMENT, parameters={"case_dir": case_dir}, idempotency_key=key, timeout=0,
+        flow_run_name=f"case-{case_id}", tags=[f"case:{case_id}"])
+    return str(run.id)
+
+
+def emit(event: str, case_id: str, **payload: object) -> None:
+    """A Prefect event about a case (the automations' and the UI's view of the sensor)."""
+    try:
+        from prefect.events import emit_event
+
+        emit_event(event=event, resource={"prefect.resource.id": f"mqi.case.{case_id}",
+                                          "prefect.resource.name": case_id},
+                   payload={k: str(v) for k, v in payload.items()})
+    except Exception as exc:  # noqa: BLE001 - an event is a courtesy, never a crash
+        log.debug("could not emit %s: %s", event, exc)
+
+
+class _Events(FileSystemEventHandler):
+    def __init__(self, sensor: CaseSensor) -> None:
+        self.sensor = sensor
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        for path in (event.src_path, getattr(event, "dest_path", "")):
+            if path:
+                self.sensor.touch(os.fsdecode(path))
+
+
+class CaseSensor:
+    """Tracks candidate case folders and starts each complete one exactly once."""
+
+    def __init__(self, cfg: MqiConfig, start: StartCase = start_with_prefect,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.scanner.target_directory)
+        self.start_case = start
+        self.clock = clock
+        self.candidates: dict[str, Candidate] = {}
+        self.started: dict[str, tuple[tuple[int, int, int], str]] = {}  # name -> (sig, key)
+        self._lock = threading.Lock()
+        self._observer: Observer | PollingObserver | None = None
+        self._last_rescan = 0.0
+        self._root_problem: str | None = None
+
+    # ------------------------------------------------------------------ events
+    def touch(self, path: str) -> None:
+        """A file event somewhere under the root: its case folder is a candidate again."""
+        try:
+            rel = Path(path).relative_to(self.root)
+        except ValueError:
+            return
+        if not rel.parts:
+            return
+        name = rel.parts[0]
+        now = self.clock()
+        with self._lock:
+            cand = self.candidates.get(name)
+            if cand is None:
+                self.candidates[name] = Candidate(name, now, now)
+            else:
+                cand.last_event = now
+
+    def rescan(self) -> None:
+        """Make every folder under the root a candidate (catch-up, and missed events)."""
+        self._last_rescan = self.clock()
+        try:
+            names = [e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+        except OSError as exc:
+            self._say_root_problem(f"cannot read the scan root {self.root}: {exc}")
+            return
+        now = self.clock()
+        with self._lock:
+            for name in names:
+                # No event time: stability is judged from the files' own mtimes.
+                self.candidates.setdefault(name, Candidate(name, now, float("-inf")))
+
+    def _say_root_problem(self, message: str) -> None:
+        if self._root_problem != message:
+            log.error("%s; waiting for it", message)
+            self._root_problem = message
+
+    # ---------------------------------------------------------------- decisions
+    def step(self) -> None:
+        """Look at every candidate once; start those that are complete."""
+        if self.clock() - self._last_rescan >= self.cfg.scanner.rescan_interval_seconds:
+            self.rescan()
+        with self._lock:
+            names = list(self.candidates)
+        for name in names:
+            try:
+                if self._consider(name):
+                    with self._lock:
+                        self.candidates.pop(name, None)
+            except Exception as exc:  # noqa: BLE001 - one odd folder never stops the sensor
+                log.exception("case folder %r: unexpected error, will look again: %s", name, exc)
+
+    def _report_once(self, cand: Candidate, kind: str, message: str, *args: object) -> None:
+        if kind not in cand.reported:
+            cand.reported.add(kind)
+            log.warning(message, *args)
+            emit(f"mqi.case.{kind}", cand.name, message=message % args)
+
+    def _consider(self, name: str) -> bool:
+        """True when the candidate is settled (started, unchanged, gone or refused)."""
+        cand = self.candidates[name]
+        case_dir = self.root / name
+        scanner = self.cfg.scanner
+        if not case_dir.is_dir() or case_dir.is_symlink():
+            if case_dir.is_symlink():
+                self._report_once(cand, "refused", "case folder %r is a symbolic link; "
+                                  "refused", name)
+            return True
+        try:
+            case_id = validate_case_id(name, self.cfg.cases.id_pattern)
+        except CaseIdError as exc:
+            self._report_once(cand, "refused", "case folder %r refused: %s", name, exc)
+            return False
+        ignore = {scanner.ready_marker}
+        try:
+            signature = content_signature(case_dir, ignore)
+        except OSError as exc:
+            self._report_once(cand, "unreadable", "case %s cannot be read: %s", case_id, exc)
+            return False
+        done = self.started.get(name)
+        if done is not None and done[0] == signature:
+            return True  # already started for exactly this content
+        marker = (case_dir / scanner.ready_marker).exists()
+        now = self.clock()
+        if not marker:
+            quiet_since_event = now - cand.last_event
+            quiet_since_write = time.time() - signature[2] / 1e9
+            if min(quiet_since_event, quiet_since_write) < scanner.stability_seconds:
+                return False  # still arriving
+            try:
+                inspect_case(case_dir, id_pattern=self.cfg.cases.id_pattern,
+                             scan_root=self.root, ignore=ignore)
+            except CaseRejected as exc:
+                if now - cand.first_seen >= scanner.incomplete_report_after_seconds:
+                    self._report_once(cand, "incomplete", "case %s is still incomplete after "
+                                      "%.0f s: %s", case_id, now - cand.first_seen, exc.reason)
+                return False
+        try:
+            digest = content_digest(case_dir, ignore)
+        except OSError as exc:
+            self._report_once(cand, "unreadable", "case %s cannot be read: %s", case_id, exc)
+            return False
+        if content_signature(case_dir, ignore) != signature:
+            return False  # changed while we hashed it: look again later
+        key = f"{case_id}:{digest[:32]}"
+        if done is not None and done[1] == key:
+            self.started[name] = (signature, key)
+            return True
+        run_id = self.start_case(str(case_dir), case_id, key)
+        self.started[name] = (signature, key)
+        log.info("case %s complete (%s): flow run %s", case_id,
+                 "ready marker" if marker else f"quiet for {scanner.stability_seconds:g} s",
+                 run_id)
+        return True
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start watching (catch-up scan included). A missing root is waited for."""
+        observer_cls = PollingObserver if self.cfg.scanner.observer == "polling" else Observer
+        while self._observer is None:
+            if not self.root.is_dir() or not os.access(self.root, os.R_OK | os.X_OK):
+                self._say_root_problem(f"the scan root {self.root} does not exist or is not "
+                                       f"readable")
+                return
+            observer = observer_cls(timeout=self.cfg.scanner.polling_interval_seconds) \
+                if observer_cls is PollingObserver else observer_cls()
+            observer.schedule(_Events(self), str(self.root), recursive=True)
+            try:
+                observer.start()
+            except OSError as exc:  # inotify watch limit, root vanished in between
+                self._say_root_problem(f"cannot watch {self.root}: {exc}")
+                return
+            self._observer = observer
+            self._root_problem = None
+            log.info("watching %s (%s observer; stable after %g s or on %s)", self.root,
+                     self.cfg.scanner.observer, self.cfg.scanner.stability_seconds,
+                     self.cfg.scanner.ready_marker)
+        self.rescan()
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(10)
+            self._observer = None
+
+    def run(self, stop: threading.Event, tick: float = 0.25) -> None:
+        """Watch and decide until ``stop`` is set."""
+        while not stop.is_set():
+            if self._observer is None or not self._observer.is_alive():
+                self._observer = None
+                self.start()
+            if self._observer is not None:
+                self.step()
+            stop.wait(tick)
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mqi-sensor", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="configuration file (default: $MQI_CONFIG_PATH)")
+    args = parser.parse_args(argv)
+    from config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.logging.level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    CaseSensor(cfg).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Supervision of `mqi up`'s children: the Prefect server, the serve process, the sensor.
+
+A child that dies is restarted with exponential backoff up to
+``processes.restart.max_restarts`` times; past that the supervisor gives up
+with the reason. Stopping sends SIGTERM to every child's process group and to
+every descendant (flow-run processes run in sessions of their own), then
+SIGKILL to whatever is left after a grace period: nothing is left behind.
+Children are also told by the kernel (PR_SET_PDEATHSIG) to stop when the
+supervisor itself dies, even by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.models import RestartPolicy
+
+log = logging.getLogger("mqi.up")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """In a child before exec: ask the kernel for SIGTERM when our parent dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` on this machine (from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                fields = fh.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_file: Path
+    ready: Callable[[], bool] | None = None
+    ready_timeout: float = 90.0
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+class ChildFailed(RuntimeError):
+    """A child would not start, or died more often than the restart policy allows."""
+
+
+class Supervisor:
+    def __init__(self, children: list[Child], policy: RestartPolicy) -> None:
+        self.children = children
+        self.policy = policy
+
+    def spawn(self, child: Child) -> None:
+        child.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(child.log_file, "ab") as out:
+            child.proc = subprocess.Popen(
+                child.argv, env={**os.environ, **child.env}, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent)  # noqa: PLW1509 - async-signal-safe prctl only
+        child.started_at = time.monotonic()
+        log.info("%s started (pid %d, log %s)", child.name, child.proc.pid, child.log_file)
+        if child.ready is None:
+            return
+        deadline = time.monotonic() + child.ready_timeout
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise ChildFailed(f"{child.name} exited with code {child.proc.returncode} "
+                                  f"while starting:\n{_tail(child.log_file)}")
+            if child.ready():
+                return
+            time.sleep(0.25)
+        raise ChildFailed(f"{child.name} was not ready within {child.ready_timeout:g} s:\n"
+                          f"{_tail(child.log_file)}")
+
+    def start_all(self) -> None:
+        for child in self.children:
+            self.spawn(child)
+
+    def watch(self, stop: Callable[[], bool], tick: float = 0.5) -> str | None:
+        """Restart dead children until ``stop()``; return why it gave up, or None."""
+        while not stop():
+            for child in self.children:
+                if child.proc is None or child.proc.poll() is None:
+                    continue
+                code = child.proc.returncode
+                if child.restarts >= self.policy.max_restarts:
+                    return (f"{child.name} exited with code {code} and was restarted "
+                            f"{child.restarts} time(s) already (processes.restart."
+                            f"max_restarts); giving up. Last lines of {child.log_file}:\n"
+                            f"{_tail(child.log_file)}")
+                delay = min(self.policy.backoff_initial_seconds * 2 ** child.restarts,
+                            self.policy.backoff_max_seconds)
+                child.restarts += 1
+                log.warning("%s exited with code %s; restart %d of %d in %.1f s", child.name,
+                            code, child.restarts, self.policy.max_restarts, delay)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not stop():
+                    time.sleep(0.1)
+                if stop():
+                    break
+                try:
+                    self.spawn(child)
+                except ChildFailed as exc:
+                    log.error("%s", exc)
+            time.sleep(tick)
+        return None
+
+    def stop_all(self, grace: float = 20.0) -> None:
+        """SIGTERM every child and its descendants (last started first), then SIGKILL."""
+        targets: list[int] = []
+        for child in reversed(self.children):
+            if child.proc is None:
+                continue
+            targets += [child.proc.pid, *descendants(child.proc.pid)]
+            if child.proc.poll() is None:
+                try:
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for pid in targets:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for child in self.children:
+            if child.proc is not None:
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        while time.monotonic() < deadline and any(_alive(p) for p in targets):
+            time.sleep(0.1)
+        for pid in targets:
+            if _alive(pid):
+                log.warning("process %d ignored SIGTERM; killing it", pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.wait(5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
