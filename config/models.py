@@ -65,7 +65,7 @@ class PrefectSettings(Section):
         default=None, description="null: SQLite under paths.data_dir. Otherwise a "
         "postgresql+asyncpg:// URL (password from database_password_env).")
     database_password_env: EnvName | None = None
-    runner_poll_seconds: PositiveSeconds = 1.0
+    runner_poll_seconds: PositiveSeconds = 0.5
 
     @field_validator("database_url")
     @classmethod

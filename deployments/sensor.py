@@ -55,14 +55,39 @@ class Candidate:
     reported: set[str] = field(default_factory=set)
 
 
-def start_with_prefect(case_dir: str, case_id: str, key: str) -> str:
-    """Create the flow run through the deployment (returns at once; the runner runs it)."""
-    from prefect.deployments import run_deployment
+class PrefectStarter:
+    """Creates ``process_case`` runs through the deployment, over one long-lived client.
 
-    run = run_deployment(
-        DEPLOYMENT, parameters={"case_dir": case_dir}, idempotency_key=key, timeout=0,
-        flow_run_name=f"case-{case_id}", tags=[f"case:{case_id}"])
-    return str(run.id)
+    The same as ``run_deployment(..., timeout=0)``, without a new client and a
+    deployment lookup per case (which cost seconds on a busy server).
+    """
+
+    def __init__(self, deployment: str = DEPLOYMENT) -> None:
+        self.deployment = deployment
+        self._client = None
+        self._deployment_id = None
+
+    def warm_up(self) -> None:
+        """Open the client and find the deployment now, not when the first case is ready."""
+        from prefect.client.orchestration import get_client
+
+        if self._client is None:
+            self._client = get_client(sync_client=True)
+            self._client.__enter__()
+        if self._deployment_id is None:
+            self._deployment_id = self._client.read_deployment_by_name(self.deployment).id
+
+    def __call__(self, case_dir: str, case_id: str, key: str) -> str:
+        self.warm_up()
+        run = self._client.create_flow_run_from_deployment(
+            self._deployment_id, parameters={"case_dir": case_dir}, idempotency_key=key,
+            name=f"case-{case_id}", tags=[f"case:{case_id}"])
+        return str(run.id)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.__exit__(None, None, None)
+            self._client = None
 
 
 def emit(event: str, case_id: str, **payload: object) -> None:
@@ -90,11 +115,11 @@ class _Events(FileSystemEventHandler):
 class CaseSensor:
     """Tracks candidate case folders and starts each complete one exactly once."""
 
-    def __init__(self, cfg: MqiConfig, start: StartCase = start_with_prefect,
+    def __init__(self, cfg: MqiConfig, start: StartCase | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.root = Path(cfg.scanner.target_directory)
-        self.start_case = start
+        self.start_case = start or PrefectStarter()
         self.clock = clock
         self.candidates: dict[str, Candidate] = {}
         self.started: dict[str, tuple[tuple[int, int, int], str]] = {}  # name -> (sig, key)
@@ -211,7 +236,13 @@ class CaseSensor:
         if done is not None and done[1] == key:
             self.started[name] = (signature, key)
             return True
-        run_id = self.start_case(str(case_dir), case_id, key)
+        try:
+            run_id = self.start_case(str(case_dir), case_id, key)
+        except Exception as exc:  # noqa: BLE001 - the API may be restarting: try again later
+            self._report_once(cand, "start-failed", "case %s is complete but its run could "
+                              "not be created yet (%s); retrying", case_id, exc)
+            return False
+        cand.reported.discard("start-failed")
         self.started[name] = (signature, key)
         log.info("case %s complete (%s): flow run %s", case_id,
                  "ready marker" if marker else f"quiet for {scanner.stability_seconds:g} s",
@@ -237,12 +268,19 @@ class CaseSensor:
                 return
             self._observer = observer
             self._root_problem = None
+            try:
+                getattr(self.start_case, "warm_up", lambda: None)()
+            except Exception as exc:  # noqa: BLE001 - the deployment may not be served yet
+                log.info("deployment not reachable yet (%s); will retry per case", exc)
             log.info("watching %s (%s observer; stable after %g s or on %s)", self.root,
                      self.cfg.scanner.observer, self.cfg.scanner.stability_seconds,
                      self.cfg.scanner.ready_marker)
         self.rescan()
 
     def stop(self) -> None:
+        close = getattr(self.start_case, "close", None)
+        if close is not None:
+            close()
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(10)

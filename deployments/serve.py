@@ -36,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from prefect import serve
 
+    from config import get_config
+
+    # Runner polls for scheduled runs this often (Prefect's default is 10 s, and its
+    # setting takes whole seconds only); each started case waits up to this long.
+    poll = get_config(args.config).prefect.runner_poll_seconds
     # pause_on_shutdown=False: a restart of `mqi up` must find the deployments active.
-    serve(*(make() for make in DEPLOYMENTS), limit=args.limit, pause_on_shutdown=False)
+    serve(*(make() for make in DEPLOYMENTS), limit=args.limit, pause_on_shutdown=False,
+          query_seconds=poll)
     return 0
 
 

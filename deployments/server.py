@@ -7,6 +7,7 @@ with a PostgreSQL URL in config the same code runs on PostgreSQL.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def client_env(cfg: MqiConfig) -> dict[str, str]:
         # Cached stage results: a rerun finds them here whichever process runs it.
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(prefect_home(cfg) / "storage"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_RUNNER_POLL_FREQUENCY": str(cfg.prefect.runner_poll_seconds),
+        # Prefect's setting is whole seconds; `mqi up`'s serve passes the exact value.
+        "PREFECT_RUNNER_POLL_FREQUENCY": str(max(1, math.ceil(cfg.prefect.runner_poll_seconds))),
     }
 
 
