@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import IO
@@ -71,6 +72,91 @@ def children(cfg: MqiConfig, config_file: Path) -> list[Child]:
     return out
 
 
+def kill_leftovers(cfg: MqiConfig) -> list[int]:
+    """Kill processes a previous `mqi up` on this data dir left behind (kill -9 of it).
+
+    Its children die with it (PR_SET_PDEATHSIG), but the flow-run processes they
+    spawned are grandchildren and would run on, unseen, against a server that is
+    gone. We hold the instance lock, so every process still carrying this data
+    dir's PREFECT_HOME is such a leftover.
+    """
+    marker = f"PREFECT_HOME={server.prefect_home(cfg)}".encode()
+    mine = {os.getpid(), *(_ancestors(os.getpid()))}
+    victims = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in env:
+            victims.append(int(entry.name))
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            log.warning("killed process %d left by a previous mqi up on this data dir", pid)
+        except ProcessLookupError:
+            pass
+    return victims
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                pid = int(fh.read().rpartition(b")")[2].split()[1])
+        except OSError:
+            break
+        out.append(pid)
+    return out
+
+
+def resume_interrupted(cfg: MqiConfig) -> list[str]:
+    """Reschedule the case runs a stop or crash of `mqi up` interrupted.
+
+    Only for the embedded server: its runs can belong to no one else. Each is
+    put back to Scheduled (as `prefect flow-run retry` does) after its remote
+    processes are killed; the runner picks it up again and the stages it had
+    finished come from cache, so the case resumes at the interrupted beam and
+    is still one flow run.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Scheduled
+
+    from deployments.status import FLOW_NAME
+    from flows.process_case import kill_remote_processes
+
+    resumed = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING,
+                      StateType.CRASHED]))), limit=200)
+        for run in runs:
+            try:
+                kill_remote_processes(None, run, run.state)
+            except Exception as exc:  # noqa: BLE001 - the host may be down; resume anyway
+                log.warning("%s: could not kill its remote processes: %s", run.name, exc)
+            client.set_flow_run_state(
+                run.id, Scheduled(message="resumed after mqi up was restarted"), force=True)
+            log.warning("%s was %s when mqi up stopped: resuming it", run.name,
+                        run.state.name if run.state else "?")
+            resumed.append(run.name)
+    return resumed
+
+
 def prepare_gpu_limit(cfg: MqiConfig) -> str | None:
     """Size the GPU admission limit now; a message when the GPU host cannot be read."""
     from blocks.factory import gpu_host, gpu_pool
@@ -90,6 +176,8 @@ def bring_up(cfg: MqiConfig, config_file: Path) -> Supervisor:
     """
     os.environ.update(server.client_env(cfg))
     os.environ["MQI_CONFIG_PATH"] = str(config_file)
+    if cfg.prefect.api_url is None:
+        kill_leftovers(cfg)
     supervisor = Supervisor(children(cfg, config_file), cfg.processes.restart)
     first = [c for c in supervisor.children if c.name == "server"]
     rest = [c for c in supervisor.children if c.name != "server"]
@@ -102,6 +190,9 @@ def bring_up(cfg: MqiConfig, config_file: Path) -> Supervisor:
         problem = prepare_gpu_limit(cfg)
         if problem:
             print(f"warning: {problem}", file=sys.stderr)
+        if cfg.prefect.api_url is None and "serve" in cfg.processes.start:
+            for name in resume_interrupted(cfg):
+                print(f"resuming {name}, interrupted when mqi up last stopped", flush=True)
         supervisor.children = first + rest
         for child in rest:
             supervisor.spawn(child)

@@ -143,3 +143,51 @@ def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_kill_9_of_up_mid_simulation_then_restart_completes_the_case_once(inst: Installation,
+                                                                          tmp_path):
+    api = inst.api_url
+    inst.set_control(duration=6.0, batches=4)
+    cmd = [sys.executable, "-m", "deployments.cli", "up", "--config", str(inst.config)]
+
+    def start_up() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=inst.env(), cwd=REPO)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line or "Dashboard:" in line:
+                break
+        assert proc.poll() is None, "mqi up did not come up"
+        return proc
+
+    up = start_up()
+    second: subprocess.Popen[str] | None = None
+    try:
+        staged = write_case(tmp_path / "staging", "killed-case", beams=3, layers=2, seed=3)
+        os.replace(staged, inst.scan_root / "killed-case")
+        (inst.scan_root / "killed-case" / "_CASE_READY").write_text("")
+        wait_for(lambda: len([e for e in inst.events("tps_env") if e["event"] == "start"]) >= 2,
+                 120, "two beams to be simulating")
+        up.kill()  # kill -9: no clean-up of any kind
+        up.wait()
+
+        second = start_up()
+        terminal = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+        final = wait_for(lambda: (s := state_of(api, "killed-case")) in terminal and s, 240,
+                         "the case to finish")
+        assert final == "COMPLETED", flow_runs(api, "killed-case")
+        assert len(flow_runs(api, "killed-case")) == 1  # exactly once: the same run resumed
+        ended = {e["beam"] for e in inst.events("tps_env") if e["event"] == "end"}
+        assert ended == {"2", "3", "4"}
+        doses = sorted((inst.results / "killed-case" / "dicom").glob("*/*.dcm"))
+        assert [p.name for p in doses] == ["RTDOSE_beam2.dcm", "RTDOSE_beam3.dcm",
+                                           "RTDOSE_beam4.dcm"]
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(90) == 0
+    finally:
+        for proc in (up, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
