@@ -1,0 +1,187 @@
+"""The sensor against a real Prefect server: runs are created through the real
+deployment (nothing serves it here, so runs stay Scheduled and can be counted),
+and bad input never crashes it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import DEFAULT_PATH
+from config.loader import parse_config
+from deployments import server
+from deployments.sensor import CaseSensor
+from flows.synthetic_case import write_case
+from tests.support.sshd import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = tmp_path_factory.mktemp("sensor-server")
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data["paths"]["data_dir"] = str(root / "data")
+    data["prefect"]["server_port"] = free_port()
+    cfg = parse_config(data, root / "mqi.yaml")
+    proc = server.start_server(cfg, root / "server.log")
+    url = cfg.prefect.effective_api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            from flows.process_case import process_case
+
+            process_case.to_deployment(name="process-case").apply()
+            yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def sensor_config(root: Path, **scanner):
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data["scanner"].update({"target_directory": str(root), "stability_seconds": 1.0, **scanner})
+    return parse_config(data, root.parent / "mqi.yaml")
+
+
+def runs_of(case_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"case-{case_id}"])))
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Running:
+    """A sensor running in a thread, as `python -m deployments.sensor` runs it."""
+
+    def __init__(self, cfg) -> None:
+        import contextvars
+
+        self.sensor = CaseSensor(cfg)
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        ctx = contextvars.copy_context()
+        self.thread = threading.Thread(target=ctx.run, args=(self._run,), daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.sensor.run(self.stop, tick=0.1)
+        except BaseException as exc:  # noqa: BLE001 - the test asserts there is none
+            self.errors.append(exc)
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(20)
+        assert not self.thread.is_alive() and not self.errors, self.errors
+
+
+def drop(root: Path, staging: Path, case_id: str, marker: bool = True, **kw) -> Path:
+    case = write_case(staging, case_id, beams=1, layers=1, spots_per_layer=10, **kw)
+    os.replace(case, root / case_id)
+    if marker:
+        (root / case_id / "_CASE_READY").write_text("")
+    return root / case_id
+
+
+def test_missing_scan_root_is_waited_for_not_fatal(api, tmp_path, caplog):
+    root = tmp_path / "not-yet"
+    with caplog.at_level(logging.ERROR, logger="mqi.sensor"), Running(sensor_config(root)):
+        time.sleep(0.5)
+        assert any("does not exist or is not readable" in r.message for r in caplog.records)
+        root.mkdir()
+        time.sleep(0.3)
+        drop(root, tmp_path / "staging", "late-root")
+        wait_for(lambda: runs_of("late-root"), 10, "the case after the root appeared")
+    assert sum("does not exist" in r.message for r in caplog.records) == 1  # said once
+
+
+def test_two_sensors_duplicate_events_and_restart_make_one_run(api, tmp_path):
+    root = tmp_path / "scan"
+    root.mkdir()
+    cfg = sensor_config(root)
+    with Running(cfg), Running(cfg):
+        case = drop(root, tmp_path / "staging", "dup-case")
+        wait_for(lambda: runs_of("dup-case"), 10, "the run")
+        for path in list(case.rglob("*.ptn")):
+            path.write_bytes(path.read_bytes())  # same content again: duplicate events
+        time.sleep(1.5)
+    with Running(cfg):  # a restarted sensor's catch-up scan
+        time.sleep(1.5)
+    assert len(runs_of("dup-case")) == 1
+    # changed content (a re-delivered beam) is a new run
+    ptn = next(case.rglob("*.ptn"))
+    ptn.write_bytes(ptn.read_bytes()[::-1])
+    with Running(cfg):
+        wait_for(lambda: len(runs_of("dup-case")) == 2, 10, "a run for the new content")
+
+
+def test_files_still_arriving_never_start_a_run(api, tmp_path):
+    root = tmp_path / "scan"
+    root.mkdir()
+    staged = write_case(tmp_path / "staging", "arriving", beams=2, layers=2, seed=4)
+    with Running(sensor_config(root, stability_seconds=1.5)):
+        for path in sorted(staged.rglob("*")):
+            target = root / "arriving" / path.relative_to(staged)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                time.sleep(0.2)
+            assert runs_of("arriving") == []
+        wait_for(lambda: runs_of("arriving"), 10, "the run once the files settle")
+
+
+def test_bad_names_deleted_folders_and_a_thousand_folders_at_once(api, tmp_path, caplog):
+    root = tmp_path / "scan"
+    root.mkdir()
+    staging = tmp_path / "staging"
+    with caplog.at_level(logging.WARNING, logger="mqi.sensor"), \
+            Running(sensor_config(root, incomplete_report_after_seconds=2.0)) as running:
+        for name in ("with space", "ünïcødé", "$(touch pwned);x", "semi;colon"):
+            folder = root / name
+            folder.mkdir()
+            (folder / "_CASE_READY").write_text("")
+        gone = drop(root, staging, "vanishing", marker=False)
+        shutil.rmtree(gone)  # deleted while watched
+        for i in range(1000):  # a share re-mounted: a thousand folders appear at once
+            (root / f"bulk-{i:04d}").mkdir()
+            (root / f"bulk-{i:04d}" / "PlanInfo.txt").write_text("DICOM_BEAM_NUMBER,2\n")
+        drop(root, staging, "real-one")
+        wait_for(lambda: runs_of("real-one"), 30, "the complete case among a thousand")
+        time.sleep(3)  # past incomplete_report_after_seconds
+        assert running.thread.is_alive()
+    refused = [r.message for r in caplog.records if "refused" in r.message]
+    for name in ("with space", "ünïcødé", "$(touch pwned);x", "semi;colon"):
+        assert sum(name in m for m in refused) == 1, (name, refused)
+    assert not (root / "pwned").exists() and not Path("pwned").exists()
+    incomplete = [r.message for r in caplog.records if "still incomplete" in r.message]
+    assert any("bulk-0000" in m for m in incomplete)
+    assert sum("bulk-0000" in m for m in incomplete) == 1  # reported once, not in a loop
+    assert runs_of("vanishing") == [] and runs_of("bulk-0001") == []
