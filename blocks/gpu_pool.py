@@ -184,6 +184,10 @@ class GpuPool(Block):
                           description="Folder of the per-index lock files on the GPU host.")
     poll_seconds: float = Field(default=2.0, gt=0,
                                 description="Pause between rounds while no GPU is free.")
+    max_wait_seconds: float = Field(
+        default=3600.0, gt=0,
+        description="Longest an admitted simulation waits for a usable, unlocked GPU before "
+                    "its stage fails (and is retried per its policy).")
 
     def read(self, host: CommandHost) -> tuple[list[GpuInfo], list[ComputeApp]]:
         """Read the host's GPUs and compute processes."""
@@ -287,13 +291,18 @@ class GpuPool(Block):
         ``spread`` (e.g. the beam number) picks among the free indices, so that beams
         admitted together start on different GPUs instead of racing for the first.
         """
-        said = time.monotonic()
+        said = started = time.monotonic()
         while True:
             gpus, apps = self.read(host)
             locked = self.locked_indices(host, [g.index for g in gpus])
             candidates = [g.index for g in self.usable(gpus, apps) if g.index not in locked]
             if candidates:
                 return candidates[spread % len(candidates)]
+            if time.monotonic() - started > self.max_wait_seconds:
+                raise GpuQueryError(
+                    f"no GPU became free within {self.max_wait_seconds:g} s: {len(locked)} "
+                    f"locked by running simulations, {len(gpus) - len(self.usable(gpus, apps))} "
+                    f"below {self.min_free_memory_mib} MiB free or running foreign processes")
             if time.monotonic() - said > 30:
                 said = time.monotonic()
                 logger.info("admitted, but no GPU is free on the host (%d locked, %d below "

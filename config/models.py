@@ -159,6 +159,7 @@ class GpuSettings(Section):
     set_cuda_visible_devices: bool = False
     poll_seconds: PositiveSeconds = 2.0
     max_slot_wait_seconds: PositiveSeconds = 1.0
+    max_wait_seconds: PositiveSeconds = 3600.0
 
 
 class RestartPolicy(Section):

@@ -157,6 +157,21 @@ def resume_interrupted(cfg: MqiConfig) -> list[str]:
     return resumed
 
 
+def register_blocks(cfg: MqiConfig) -> None:
+    """Make the blocks visible in the UI: their types, and the GPU pool and host as
+    configured. A host with secrets is not saved: its secrets stay in the environment."""
+    from blocks import LocalHost, RemoteHost
+    from blocks.factory import gpu_host, gpu_pool
+    from blocks.gpu_pool import GpuPool
+
+    for cls in (RemoteHost, LocalHost, GpuPool):
+        cls.register_type_and_schema()
+    gpu_pool(cfg).save("mqi-gpu-pool", overwrite=True)
+    host = gpu_host(cfg)
+    if not any(getattr(host, f, None) for f in ("password", "private_key", "passphrase")):
+        host.save("mqi-gpu-host", overwrite=True)
+
+
 def prepare_gpu_limit(cfg: MqiConfig) -> str | None:
     """Size the GPU admission limit now; a message when the GPU host cannot be read."""
     from blocks.factory import gpu_host, gpu_pool
@@ -187,6 +202,10 @@ def bring_up(cfg: MqiConfig, config_file: Path) -> Supervisor:
         if not server.is_healthy(cfg.prefect.effective_api_url):
             raise server.ServerError(
                 f"the Prefect API at {cfg.prefect.effective_api_url} is not reachable")
+        try:
+            register_blocks(cfg)
+        except Exception as exc:  # noqa: BLE001 - the UI view is a courtesy
+            log.warning("could not register the blocks: %s", exc)
         problem = prepare_gpu_limit(cfg)
         if problem:
             print(f"warning: {problem}", file=sys.stderr)

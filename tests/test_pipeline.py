@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def inst(tmp_path_factory: pytest.TempPathFactory, sshd) -> Iterator[Installatio
 def fresh(inst: Installation) -> Installation:
     inst.set_control()
     inst.record.unlink(missing_ok=True)
+    shutil.rmtree(inst.state, ignore_errors=True)  # no busy GPU left from an earlier test
     return inst
 
 

@@ -87,6 +87,9 @@ def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
                 break
         assert any(f"Dashboard: {api.removesuffix('/api')}" in ln for ln in lines), lines
         children = descendants(up.pid)
+        pool = httpx.get(f"{api}/block_types/slug/mqi-gpu-pool/block_documents/name/"
+                         f"mqi-gpu-pool", timeout=10)
+        assert pool.status_code == 200 and pool.json()["data"]["limit_name"]  # in the UI
 
         # 1. a case arriving slowly never starts early, then starts exactly once
         staged = write_case(tmp_path / "staging", "slow-case", beams=2, layers=2, seed=1)

@@ -38,7 +38,14 @@ def parse_input(path: Path) -> dict[str, str]:
     return values
 
 
+def _stop(signum: int, _frame: object) -> None:
+    # SIGTERM (a timeout's or a cancellation's first signal) ends the run like the real
+    # tool: it leaves, and its GPU shows free again.
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(prog="tps_env")
     parser.add_argument("--control")
     parser.add_argument("input_file")

@@ -96,7 +96,7 @@ def write_installation(root: Path, sshd: SshServer, port: int | None = None) -> 
         "private_key_path": str(sshd.client_key), "known_hosts_path": str(sshd.known_hosts),
         "connect_retries": 1, "kill_grace_seconds": 2.0}}
     data["gpu"].update(query_command=f"{smi} {GPU_QUERY}", apps_command=f"{smi} {APPS_QUERY}",
-                       min_free_memory_mib=1024, lease_seconds=60,
+                       min_free_memory_mib=1024, lease_seconds=60, max_wait_seconds=120,
                        lock_dir=str(root / "gpu-locks"), poll_seconds=0.5,
                        concurrency_limit=f"mqi-gpu-{port}")
     data["tools"] = {
