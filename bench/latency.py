@@ -20,7 +20,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -37,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from flows.synthetic_case import write_case
-    from tests.support.pipeline import REPO, write_installation
+    from tests.support.pipeline import write_installation
     from tests.support.sshd import SshServer
 
     work = Path(tempfile.mkdtemp(prefix="mqi-bench-latency-"))
@@ -47,17 +46,9 @@ def main() -> None:
     data["scanner"]["stability_seconds"] = args.stability
     inst.config.write_text(yaml.safe_dump(data, sort_keys=False))
     inst.set_control(duration=0.2, batches=2)
-    up = subprocess.Popen([sys.executable, "-m", "deployments.cli", "up", "--config",
-                           str(inst.config)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=inst.env(), cwd=REPO)
+    up = inst.start_up()
     api = inst.api_url
     try:
-        while True:
-            line = up.stdout.readline()
-            if not line:
-                raise SystemExit("mqi up stopped before it was up")
-            if "Dashboard:" in line:
-                break
         latencies = []
         for i in range(args.cases):
             case_id = f"lat-{i:02d}"

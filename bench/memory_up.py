@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,20 +53,15 @@ def main() -> None:
 
     from deployments.supervisor import descendants
     from flows.synthetic_case import write_case
-    from tests.support.pipeline import REPO, write_installation
+    from tests.support.pipeline import write_installation
     from tests.support.sshd import SshServer
 
     work = Path(tempfile.mkdtemp(prefix="mqi-bench-memory-"))
     sshd = SshServer(work / "sshd").start()
     inst = write_installation(work / "mqi", sshd)
     inst.set_control(duration=args.sim_seconds, batches=8, gpus=2)
-    up = subprocess.Popen([sys.executable, "-m", "deployments.cli", "up", "--config",
-                           str(inst.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=inst.env(), cwd=REPO)
+    up = inst.start_up()
     try:
-        while "Dashboard:" not in (line := up.stdout.readline()):
-            if not line:
-                raise SystemExit("mqi up stopped before it was up")
         idle = {p: rss_kib(p) for p in [up.pid, *descendants(up.pid)]}
         ids = [f"mem-{i}" for i in range(args.cases)]
         for i, case_id in enumerate(ids):

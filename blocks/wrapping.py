@@ -9,9 +9,10 @@ asked, in a pid file), which is how a timeout or a cancellation finds it.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
+
+from blocks import procfs
 
 PGID_MARKER = b"\x1eMQI-PGID "
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -66,14 +67,4 @@ def kill_group_script(pgid: int, grace: float) -> str:
 
 def group_alive(pgid: int) -> bool:
     """True while process group ``pgid`` on this machine has a member that is not a zombie."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                fields = fh.read().rpartition(b")")[2].split()
-        except OSError:
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+    return any(p.pgrp == pgid and p.alive for p in procfs.all_stats())

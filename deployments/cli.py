@@ -210,6 +210,19 @@ def _load_for_work(path: str | None) -> MqiConfig:
     return cfg
 
 
+def _prepare_work(path: str | None) -> int | None:
+    """``_load_for_work`` for a command: None when ready, else the exit status (said why)."""
+    try:
+        _load_for_work(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    except server.ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return None
+
+
 def _process(case_dir: str, workflow: str) -> bool:
     """Run process_case in this process; print the outcome; True when COMPLETED."""
     from flows.process_case import process_case
@@ -226,14 +239,9 @@ def _process(case_dir: str, workflow: str) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        _load_for_work(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
-    except server.ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+    failed = _prepare_work(args.config)
+    if failed is not None:
+        return failed
     case_dir = Path(args.case_dir)
     if not case_dir.is_dir():
         print(f"error: not a case folder: {case_dir}", file=sys.stderr)
@@ -242,11 +250,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        _load_for_work(args.config)
-    except (ConfigError, server.ServerError) as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_RUNTIME
+    failed = _prepare_work(args.config)
+    if failed is not None:
+        return failed
     from deployments.status import case_statuses, format_table
 
     rows = case_statuses(only_failed=args.failed)
@@ -261,11 +267,9 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     if not args.case_id and not args.all_failed:
         print("error: name a CASE_ID or give --all-failed", file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        _load_for_work(args.config)
-    except (ConfigError, server.ServerError) as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_RUNTIME
+    failed = _prepare_work(args.config)
+    if failed is not None:
+        return failed
     from deployments.status import case_statuses
 
     rows = case_statuses()

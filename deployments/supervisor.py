@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blocks import procfs
 from config.models import RestartPolicy
 
 log = logging.getLogger("mqi.up")
@@ -38,15 +39,8 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` on this machine (from /proc), deepest last."""
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                fields = fh.read().rpartition(b")")[2].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for proc in procfs.all_stats():
+        children.setdefault(proc.ppid, []).append(proc.pid)
     out, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -177,11 +171,8 @@ class Supervisor:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rpartition(b")")[2].split()[0] != b"Z"
-    except OSError:
-        return False
+    found = procfs.stat(pid)
+    return found is not None and found.alive
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from blocks import procfs
 from config import MqiConfig
 from deployments import server
 from deployments.supervisor import Child, Supervisor
@@ -104,12 +105,8 @@ def kill_leftovers(cfg: MqiConfig) -> list[int]:
 
 def _ancestors(pid: int) -> list[int]:
     out = []
-    while pid > 1:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                pid = int(fh.read().rpartition(b")")[2].split()[1])
-        except OSError:
-            break
+    while pid > 1 and (found := procfs.stat(pid)) is not None:
+        pid = found.ppid
         out.append(pid)
     return out
 

@@ -21,6 +21,7 @@ from config.loader import parse_config
 from deployments import server
 from deployments.sensor import CaseSensor
 from flows.synthetic_case import write_case
+from tests.support.pipeline import wait_for
 from tests.support.sshd import free_port
 
 pytestmark = pytest.mark.integration
@@ -61,16 +62,6 @@ def runs_of(case_id: str) -> list:
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"case-{case_id}"])))
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Running:

@@ -19,7 +19,7 @@ import yaml
 
 from deployments.supervisor import descendants
 from flows.synthetic_case import write_case
-from tests.support.pipeline import REPO, Installation, write_installation
+from tests.support.pipeline import REPO, Installation, wait_for, write_installation
 
 pytestmark = pytest.mark.integration
 
@@ -29,16 +29,6 @@ def flow_runs(api: str, case_id: str) -> list[dict]:
         "flow_runs": {"name": {"any_": [f"case-{case_id}"]}}, "limit": 50})
     response.raise_for_status()
     return response.json()
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def state_of(api: str, case_id: str) -> str | None:
@@ -74,18 +64,9 @@ def inst(tmp_path, sshd) -> Installation:
 def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
     api = inst.api_url
     cmd = [sys.executable, "-m", "deployments.cli", "up", "--config", str(inst.config)]
-    up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=inst.env(), cwd=REPO)
+    up = inst.start_up()
     children: list[int] = []
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            lines.append(line)
-            if not line or "Dashboard:" in line:
-                break
-        assert any(f"Dashboard: {api.removesuffix('/api')}" in ln for ln in lines), lines
         children = descendants(up.pid)
         pool = httpx.get(f"{api}/block_types/slug/mqi-gpu-pool/block_documents/name/"
                          f"mqi-gpu-pool", timeout=10)
@@ -152,20 +133,7 @@ def test_kill_9_of_up_mid_simulation_then_restart_completes_the_case_once(inst: 
                                                                           tmp_path):
     api = inst.api_url
     inst.set_control(duration=6.0, batches=4)
-    cmd = [sys.executable, "-m", "deployments.cli", "up", "--config", str(inst.config)]
-
-    def start_up() -> subprocess.Popen[str]:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=inst.env(), cwd=REPO)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line or "Dashboard:" in line:
-                break
-        assert proc.poll() is None, "mqi up did not come up"
-        return proc
-
-    up = start_up()
+    up = inst.start_up()
     second: subprocess.Popen[str] | None = None
     try:
         staged = write_case(tmp_path / "staging", "killed-case", beams=3, layers=2, seed=3)
@@ -176,7 +144,7 @@ def test_kill_9_of_up_mid_simulation_then_restart_completes_the_case_once(inst: 
         up.kill()  # kill -9: no clean-up of any kind
         up.wait()
 
-        second = start_up()
+        second = inst.start_up()
         terminal = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
         final = wait_for(lambda: (s := state_of(api, "killed-case")) in terminal and s, 240,
                          "the case to finish")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,24 @@ class Installation:
         return {**os.environ, "MQI_CONFIG_PATH": str(self.config),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
+    def start_up(self, timeout: float = 120) -> subprocess.Popen[str]:
+        """`mqi up` on this installation, returned once it printed its dashboard address."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deployments.cli", "up", "--config", str(self.config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env(),
+            cwd=REPO)
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline() if proc.stdout else ""
+            seen.append(line)
+            if not line or "Dashboard:" in line:
+                break
+        if proc.poll() is not None or not any("Dashboard:" in ln for ln in seen):
+            proc.kill()
+            raise RuntimeError("mqi up did not come up:\n" + "".join(seen[-30:]))
+        return proc
+
     def mqi(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "deployments.cli", *args],
                               capture_output=True, text=True, env=self.env(), timeout=timeout,
@@ -110,3 +129,14 @@ def write_installation(root: Path, sshd: SshServer, port: int | None = None) -> 
     data["simulated"] = True
     inst.config.write_text(yaml.safe_dump(data, sort_keys=False))
     return inst
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
