@@ -128,10 +128,12 @@ def _telling_line(cfg: MqiConfig, result: Any) -> str:
 @task(name="inspect")
 def inspect_stage(case_dir: str) -> CaseInfo:
     cfg = get_config()
+    # A folder named inside the scan root must really be there (no link, no ..);
+    # `mqi run` may also process a folder from anywhere else, as given.
+    in_scan_root = Path(case_dir).absolute().parent == Path(
+        cfg.scanner.target_directory).absolute()
     info = inspect_case(case_dir, id_pattern=cfg.cases.id_pattern,
-                        scan_root=cfg.scanner.target_directory
-                        if Path(case_dir).resolve().parent == Path(
-                            cfg.scanner.target_directory).resolve() else None,
+                        scan_root=cfg.scanner.target_directory if in_scan_root else None,
                         gantry_numbers=cfg.moqui.gantry_numbers,
                         ignore={cfg.scanner.ready_marker})
     get_run_logger().info(
