@@ -2,31 +2,36 @@
 
 Blocks know hosts, commands and files. They never know about cases: the flows
 decide what to run and where, the blocks only run it and move the bytes.
+
+Names are imported on first use: importing a submodule (``blocks.procfs``)
+must not import Prefect, whose settings are read once at import time — the
+CLI sets the API address first.
 """
 
-from blocks.errors import (
-    CommandError,
-    CommandTimeoutError,
-    HostAuthenticationError,
-    HostConnectError,
-    HostError,
-    HostKeyError,
-    TransferError,
-)
-from blocks.local_host import LocalHost
-from blocks.remote_host import RemoteHost
-from blocks.results import CommandResult, TransferResult
+from __future__ import annotations
 
-__all__ = [
-    "CommandError",
-    "CommandResult",
-    "CommandTimeoutError",
-    "HostAuthenticationError",
-    "HostConnectError",
-    "HostError",
-    "HostKeyError",
-    "LocalHost",
-    "RemoteHost",
-    "TransferError",
-    "TransferResult",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "CommandError": "blocks.errors",
+    "CommandTimeoutError": "blocks.errors",
+    "HostAuthenticationError": "blocks.errors",
+    "HostConnectError": "blocks.errors",
+    "HostError": "blocks.errors",
+    "HostKeyError": "blocks.errors",
+    "TransferError": "blocks.errors",
+    "CommandResult": "blocks.results",
+    "TransferResult": "blocks.results",
+    "LocalHost": "blocks.local_host",
+    "RemoteHost": "blocks.remote_host",
+    "GpuPool": "blocks.gpu_pool",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'blocks' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -69,3 +69,10 @@ def test_console_script_is_installed():
     result = subprocess.run([str(exe), "config", "check", str(DEMO_PATH)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_cli_does_not_import_prefect_before_it_sets_the_api_address():
+    # Prefect reads its settings at import: an early import would ignore the
+    # configured API and quietly start a server of its own.
+    code = "import sys, deployments.cli; sys.exit('prefect' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
