@@ -39,7 +39,7 @@ def label(pid: int) -> str:
         return "?"
     for key, name in (("prefect server", "server"), ("deployments.serve", "serve"),
                       ("deployments.sensor", "sensor"), ("deployments.cli", "mqi up"),
-                      ("multiprocessing", "flow run")):
+                      ("multiprocessing", "flow run"), ("prefect.engine", "flow run")):
         if key in cmd:
             return name
     return cmd[:40]
@@ -68,16 +68,17 @@ def main() -> None:
             staged = write_case(work / "staging", case_id, beams=3, layers=10, seed=i)
             os.replace(staged, inst.scan_root / case_id)
             (inst.scan_root / case_id / "_CASE_READY").write_text("")
-        peak, peak_parts, running_max = 0, {}, 0
+        peak, peak_parts, peak_names, running_max = 0, {}, {}, 0
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             pids = [up.pid, *descendants(up.pid)]
             parts = {p: rss_kib(p) for p in pids}
+            names = {p: label(p) for p in pids}
             total = sum(parts.values())
-            flows = sum(1 for p in pids if label(p) == "flow run")
+            flows = sum(1 for p in pids if names[p] == "flow run")
             running_max = max(running_max, flows)
             if total > peak:
-                peak, peak_parts = total, parts
+                peak, peak_parts, peak_names = total, parts, names
             runs = httpx.post(f"{inst.api_url}/flow_runs/filter", timeout=10, json={
                 "flow_runs": {"name": {"any_": [f"case-{c}" for c in ids]}}}).json()
             if len(runs) == len(ids) and all(r["state"]["type"] in ("COMPLETED", "FAILED")
@@ -89,7 +90,7 @@ def main() -> None:
               f"{peak / 1024:.0f} MiB in {len(peak_parts)} processes")
         by_kind: dict[str, list[int]] = {}
         for pid, kib in peak_parts.items():
-            by_kind.setdefault(label(pid), []).append(kib)
+            by_kind.setdefault(peak_names[pid], []).append(kib)
         for kind, sizes in sorted(by_kind.items()):
             print(f"  {kind:<10} {len(sizes)} x ~{sum(sizes) / len(sizes) / 1024:.0f} MiB")
         print("states:", sorted(r["state"]["type"] for r in runs))
