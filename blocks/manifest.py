@@ -82,20 +82,6 @@ def walk_local(root: str | os.PathLike[str], *, hashes: bool = True) -> dict[str
     return entries
 
 
-def parse_find_sizes(output: bytes) -> dict[str, int]:
-    """Parse ``find -printf '%s\\t%P\\0'`` output into relative path → size."""
-    sizes: dict[str, int] = {}
-    for record in output.split(b"\0"):
-        if not record:
-            continue
-        size, _, rel = record.partition(b"\t")
-        name = rel.decode("utf-8", "surrogateescape")
-        if name.rpartition("/")[2].endswith(PART_SUFFIX):
-            continue
-        sizes[name] = int(size)
-    return sizes
-
-
 def parse_sha256sum(output: bytes, separator: bytes = b"\0") -> dict[str, str]:
     """Parse ``sha256sum -z`` output (``<hex>  <name>\\0`` records) into name → digest.
 

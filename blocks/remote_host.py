@@ -811,11 +811,3 @@ def _get_file(sftp: paramiko.SFTPClient, remote_path: str, local_path: str) -> t
             size += len(chunk)
             dst.write(chunk)
     return digest.hexdigest(), size
-
-
-def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
-    try:
-        sftp.remove(path)
-    except OSError:
-        pass
-

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from blocks import procfs
@@ -61,7 +61,6 @@ class Child:
     ready_timeout: float = 90.0
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
-    started_at: float = field(default=0.0)
 
     @property
     def pid(self) -> int | None:
@@ -84,7 +83,6 @@ class Supervisor:
                 child.argv, env={**os.environ, **child.env}, stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=die_with_parent)  # noqa: PLW1509 - async-signal-safe prctl only
-        child.started_at = time.monotonic()
         log.info("%s started (pid %d, log %s)", child.name, child.proc.pid, child.log_file)
         if child.ready is None:
             return
