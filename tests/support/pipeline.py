@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -83,12 +84,24 @@ class Installation:
         if proc.poll() is not None or not any("Dashboard:" in ln for ln in seen):
             proc.kill()
             raise RuntimeError("mqi up did not come up:\n" + "".join(seen[-30:]))
+        # Keep reading what it prints (into up.log): a pipe nobody drains fills up
+        # and would stall `mqi up` mid-test.
+        threading.Thread(target=_drain, args=(proc, self.root / "up.log", seen),
+                         daemon=True).start()
         return proc
 
     def mqi(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "deployments.cli", *args],
                               capture_output=True, text=True, env=self.env(), timeout=timeout,
                               cwd=REPO)
+
+
+def _drain(proc: subprocess.Popen[str], log: Path, first: list[str]) -> None:
+    with log.open("a") as out:
+        out.writelines(first)
+        for line in proc.stdout or ():
+            out.write(line)
+            out.flush()
 
 
 def write_installation(root: Path, sshd: SshServer, port: int | None = None) -> Installation:
