@@ -66,6 +66,9 @@ class PrefectSettings(Section):
         "postgresql+asyncpg:// URL (password from database_password_env).")
     database_password_env: EnvName | None = None
     runner_poll_seconds: PositiveSeconds = 0.5
+    warm_start: bool = Field(
+        default=True, description="Fork each flow run from a process that has already "
+        "imported the pipeline, instead of starting a fresh interpreter (~2 s) per case.")
 
     @field_validator("database_url")
     @classmethod
