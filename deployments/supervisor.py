@@ -26,6 +26,7 @@ from config.models import RestartPolicy
 
 log = logging.getLogger("mqi.up")
 PR_SET_PDEATHSIG = 1
+READY_FILE_ENV = "MQI_READY_FILE"
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -34,6 +35,24 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+def announce_ready() -> None:
+    """In a supervised child: tell `mqi up` this process now does its job."""
+    path = os.environ.get(READY_FILE_ENV)
+    if path:
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(str(os.getpid()))
+        os.replace(tmp, path)
+
+
+def _announced(child: Child) -> bool:
+    try:
+        return child.ready_file is not None and \
+            child.ready_file.read_text().strip() == str(child.pid)
+    except OSError:
+        return False
 
 
 def descendants(pid: int) -> list[int]:
@@ -58,6 +77,9 @@ class Child:
     env: dict[str, str]
     log_file: Path
     ready: Callable[[], bool] | None = None
+    # The child writes its pid here (announce_ready) once it does its job; spawn
+    # waits for that, so "mqi up is up" means cases are picked up from then on.
+    ready_file: Path | None = None
     ready_timeout: float = 90.0
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
@@ -78,22 +100,27 @@ class Supervisor:
 
     def spawn(self, child: Child) -> None:
         child.log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **child.env}
+        if child.ready_file is not None:
+            child.ready_file.parent.mkdir(parents=True, exist_ok=True)
+            child.ready_file.unlink(missing_ok=True)
+            env[READY_FILE_ENV] = str(child.ready_file)
         with open(child.log_file, "ab") as out:
             child.proc = subprocess.Popen(
-                child.argv, env={**os.environ, **child.env}, stdout=out,
+                child.argv, env=env, stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=die_with_parent)  # noqa: PLW1509 - async-signal-safe prctl only
         log.info("%s started (pid %d, log %s)", child.name, child.proc.pid, child.log_file)
-        if child.ready is None:
+        if child.ready is None and child.ready_file is None:
             return
         deadline = time.monotonic() + child.ready_timeout
         while time.monotonic() < deadline:
             if child.proc.poll() is not None:
                 raise ChildFailed(f"{child.name} exited with code {child.proc.returncode} "
                                   f"while starting:\n{_tail(child.log_file)}")
-            if child.ready():
+            if child.ready() if child.ready is not None else _announced(child):
                 return
-            time.sleep(0.25)
+            time.sleep(0.05)
         raise ChildFailed(f"{child.name} was not ready within {child.ready_timeout:g} s:\n"
                           f"{_tail(child.log_file)}")
 

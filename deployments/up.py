@@ -65,11 +65,13 @@ def children(cfg: MqiConfig, config_file: Path) -> list[Child]:
                        cfg.prefect.server_host, "--port", str(cfg.prefect.server_port)],
             {**common, **server.server_env(cfg)}, logs / "server.log",
             ready=lambda: server.is_healthy(api)))
+    run = Path(cfg.paths.data_dir) / "run"
     if "serve" in wanted:
-        out.append(Child("serve", [py, "-m", "deployments.serve"], common, logs / "serve.log"))
+        out.append(Child("serve", [py, "-m", "deployments.serve"], common, logs / "serve.log",
+                         ready_file=run / "serve.ready"))
     if "sensor" in wanted:
         out.append(Child("sensor", [py, "-m", "deployments.sensor"], common,
-                         logs / "sensor.log"))
+                         logs / "sensor.log", ready_file=run / "sensor.ready"))
     return out
 
 
