@@ -74,6 +74,7 @@ class PrefectStarter:
         if self._client is None:
             self._client = get_client(sync_client=True)
             self._client.__enter__()
+            _ask_again_soon(self._client)
         if self._deployment_id is None:
             self._deployment_id = self._client.read_deployment_by_name(self.deployment).id
 
@@ -88,6 +89,23 @@ class PrefectStarter:
         if self._client is not None:
             self._client.__exit__(None, None, None)
             self._client = None
+
+
+def _ask_again_soon(client: object) -> None:
+    """Let the client's connection re-send a request the API answered "busy" at once.
+
+    The embedded server answers 503 when SQLite is busy with another writer for a
+    moment; Prefect's client then waits 2 s before asking again, the whole start
+    latency budget. The transport Prefect built (TLS, limits, auth headers stay
+    its own) is wrapped so such a request is re-sent within milliseconds; Prefect's
+    slower retries remain behind it. Where the client's insides differ, nothing is
+    changed: starts are then only slower under load.
+    """
+    from deployments.busy_retry import BusyRetryTransport
+
+    inner = getattr(getattr(client, "_client", None), "_transport", None)
+    if inner is not None and not isinstance(inner, BusyRetryTransport):
+        client._client._transport = BusyRetryTransport(inner)  # type: ignore[attr-defined]
 
 
 def emit(event: str, case_id: str, **payload: object) -> None:
@@ -127,6 +145,8 @@ class CaseSensor:
         self._observer: Observer | PollingObserver | None = None
         self._last_rescan = 0.0
         self._root_problem: str | None = None
+        self._warm = self._warm_failed = False
+        self._last_warm_try = float("-inf")
 
     # ------------------------------------------------------------------ events
     def touch(self, path: str) -> None:
@@ -236,6 +256,7 @@ class CaseSensor:
         if done is not None and done[1] == key:
             self.started[name] = (signature, key)
             return True
+        asked = time.monotonic()
         try:
             run_id = self.start_case(str(case_dir), case_id, key)
         except Exception as exc:  # noqa: BLE001 - the API may be restarting: try again later
@@ -244,9 +265,9 @@ class CaseSensor:
             return False
         cand.reported.discard("start-failed")
         self.started[name] = (signature, key)
-        log.info("case %s complete (%s): flow run %s", case_id,
+        log.info("case %s complete (%s): flow run %s (created in %.2f s)", case_id,
                  "ready marker" if marker else f"quiet for {scanner.stability_seconds:g} s",
-                 run_id)
+                 run_id, time.monotonic() - asked)
         return True
 
     # ---------------------------------------------------------------- lifecycle
@@ -268,14 +289,33 @@ class CaseSensor:
                 return
             self._observer = observer
             self._root_problem = None
-            try:
-                getattr(self.start_case, "warm_up", lambda: None)()
-            except Exception as exc:  # noqa: BLE001 - the deployment may not be served yet
-                log.info("deployment not reachable yet (%s); will retry per case", exc)
+            self._warm_up()
             log.info("watching %s (%s observer; stable after %g s or on %s)", self.root,
                      self.cfg.scanner.observer, self.cfg.scanner.stability_seconds,
                      self.cfg.scanner.ready_marker)
         self.rescan()
+
+    def _warm_up(self) -> None:
+        """Get the client and the deployment ready before a case needs them.
+
+        `mqi up` starts serve and the sensor together, so the deployment is often
+        not registered yet when the sensor starts: try again each second until it
+        is, instead of leaving the first case to pay for the lookup.
+        """
+        warm_up = getattr(self.start_case, "warm_up", None)
+        if warm_up is None or self._warm or self.clock() - self._last_warm_try < 1.0:
+            return
+        self._last_warm_try = self.clock()
+        try:
+            warm_up()
+        except Exception as exc:  # noqa: BLE001 - the deployment may not be served yet
+            if not self._warm_failed:
+                log.info("deployment %s not there yet (%s); looking again each second",
+                         getattr(self.start_case, "deployment", "?"),
+                         type(exc).__name__ if not str(exc) or str(exc) == "None" else exc)
+            self._warm_failed = True
+        else:
+            self._warm = True
 
     def stop(self) -> None:
         close = getattr(self.start_case, "close", None)
@@ -286,14 +326,21 @@ class CaseSensor:
             self._observer.join(10)
             self._observer = None
 
-    def run(self, stop: threading.Event, tick: float = 0.25) -> None:
-        """Watch and decide until ``stop`` is set."""
+    def run(self, stop: threading.Event, tick: float = 0.25,
+            ready: Callable[[], None] = lambda: None) -> None:
+        """Watch and decide until ``stop`` is set; ``ready()`` once the first start is done
+        (watching, or waiting for a missing root, which is reported)."""
+        announced = False
         while not stop.is_set():
             if self._observer is None or not self._observer.is_alive():
                 self._observer = None
                 self.start()
             if self._observer is not None:
+                self._warm_up()
                 self.step()
+            if not announced:
+                ready()
+                announced = True
             stop.wait(tick)
         self.stop()
 
@@ -315,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    CaseSensor(cfg).run(stop)
+    from deployments.supervisor import announce_ready
+
+    CaseSensor(cfg).run(stop, ready=announce_ready)
     return 0
 
 

@@ -23,6 +23,7 @@ from deployments.supervisor import die_with_parent
 # Held GPU slots must survive a server restart; the in-memory lease store would
 # leak them for good (see DESIGN.md §5).
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+SERVER_KEEPALIVE_SECONDS = 65  # > the 25 s Prefect's clients keep idle connections
 
 
 class ServerError(RuntimeError):
@@ -93,6 +94,11 @@ def server_env(cfg: MqiConfig) -> dict[str, str]:
         "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS":
             str(cfg.gpu.max_slot_wait_seconds),
         "PREFECT_UI_API_URL": cfg.prefect.effective_api_url,
+        # Prefect's clients keep idle connections 25 s; the server's default is to close
+        # them after 5 s. A request sent on a connection the server is closing at that
+        # moment fails and Prefect's client retries it only 2 s later. Outlast the
+        # clients, so they always drop idle connections first.
+        "PREFECT_SERVER_API_KEEPALIVE_TIMEOUT": str(SERVER_KEEPALIVE_SECONDS),
     }
 
 
