@@ -26,6 +26,39 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server (the embedded one `mqi up` starts) with the process-case
+    deployment registered and served by nobody: runs stay Scheduled and can be counted.
+    Prefect's settings point at it for the whole session."""
+    import signal
+
+    import yaml
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from config import DEFAULT_PATH
+    from config.loader import parse_config
+    from deployments import server
+    from tests.support.sshd import free_port
+
+    root = tmp_path_factory.mktemp("prefect-server")
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data["paths"]["data_dir"] = str(root / "data")
+    data["prefect"]["server_port"] = free_port()
+    cfg = parse_config(data, root / "mqi.yaml")
+    proc = server.start_server(cfg, root / "server.log")
+    url = cfg.prefect.effective_api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            from flows.process_case import process_case
+
+            process_case.to_deployment(name="process-case").apply()
+            yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
 @pytest.fixture
 def remote(sshd: SshServer):
     host = sshd.remote_host()

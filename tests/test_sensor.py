@@ -7,10 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,35 +16,16 @@ import yaml
 
 from config import DEFAULT_PATH
 from config.loader import parse_config
-from deployments import server
 from deployments.sensor import CaseSensor
 from flows.synthetic_case import write_case
 from tests.support.pipeline import wait_for
-from tests.support.sshd import free_port
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    root = tmp_path_factory.mktemp("sensor-server")
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
-    data["paths"]["data_dir"] = str(root / "data")
-    data["prefect"]["server_port"] = free_port()
-    cfg = parse_config(data, root / "mqi.yaml")
-    proc = server.start_server(cfg, root / "server.log")
-    url = cfg.prefect.effective_api_url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            from flows.process_case import process_case
-
-            process_case.to_deployment(name="process-case").apply()
-            yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+@pytest.fixture
+def api(prefect_api: str) -> str:
+    return prefect_api
 
 
 def sensor_config(root: Path, **scanner):

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from blocks import procfs
 from deployments.supervisor import descendants
 from flows.synthetic_case import write_case
 from tests.support.pipeline import REPO, Installation, wait_for, write_installation
@@ -34,6 +35,20 @@ def flow_runs(api: str, case_id: str) -> list[dict]:
 def state_of(api: str, case_id: str) -> str | None:
     runs = flow_runs(api, case_id)
     return runs[0]["state"]["type"] if len(runs) == 1 else None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def forked_flow_runs(up_pid: int) -> list[int]:
+    """Flow-run processes below `mqi up` forked from the warm start's forkserver."""
+    pids = descendants(up_pid)
+    forkservers = {p for p in pids if b"multiprocessing.forkserver" in _cmdline(p)}
+    return [p for p in pids if (st := procfs.stat(p)) is not None and st.ppid in forkservers]
 
 
 def copy_slowly(src: Path, dst: Path, pause: float) -> None:
@@ -84,6 +99,10 @@ def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
         os.replace(staged, inst.scan_root / "marked-case")
         (inst.scan_root / "marked-case" / "_CASE_READY").write_text("")
         assert wait_for(lambda: flow_runs(api, "marked-case"), 10, "marked-case to start")
+        # ... in a process forked from serve's pre-imported forkserver (prefect.warm_start),
+        # not a fresh interpreter
+        assert wait_for(lambda: forked_flow_runs(up.pid), 30, "a forked flow-run process",
+                        interval=0.05)
 
         # 3. duplicate events (same content rewritten, touched) start nothing new
         for path in list((inst.scan_root / "slow-case").rglob("*.ptn"))[:3]:
