@@ -156,6 +156,47 @@ def resume_interrupted(cfg: MqiConfig) -> list[str]:
     return resumed
 
 
+def release_orphaned_gpu_slots(cfg: MqiConfig) -> int:
+    """Free the GPU slots the runs of a previous `mqi up` on this data dir still hold.
+
+    Only for the embedded server, after kill_leftovers: every process that could
+    hold one of its leases is dead, so each lease on the GPU limit is an orphan.
+    Left alone, a lease frees its slot only when it expires (gpu.lease_seconds),
+    and the resumed case would wait that long for a GPU nobody uses. The leases
+    are read from the server's lease store (Prefect's own reader) and released
+    through the API, which also counts the slots back.
+    """
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
+
+    store = ConcurrencyLeaseStorage(server.prefect_home(cfg) / "concurrency_leases")
+    if not store.storage_path.is_dir():
+        return 0
+
+    async def orphans(limit_id: object) -> list[object]:
+        found = []
+        for lease_id in await store.read_active_lease_ids(limit=1000):
+            lease = await store.read_lease(lease_id)
+            if lease is not None and limit_id in lease.resource_ids:
+                found.append(lease_id)
+        return found
+
+    released = 0
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(cfg.gpu.concurrency_limit)
+        except Exception:  # noqa: BLE001 - no limit yet: nothing can be held
+            return 0
+        for lease_id in asyncio.run(orphans(limit.id)):
+            client.release_concurrency_slots_with_lease(lease_id)
+            released += 1
+    if released:
+        log.warning("freed %d GPU slot(s) held by runs of the previous mqi up", released)
+    return released
+
+
 def register_blocks(cfg: MqiConfig) -> None:
     """Make the blocks visible in the UI: their types, and the GPU pool and host as
     configured. A host with secrets is not saved: its secrets stay in the environment."""
@@ -209,6 +250,10 @@ def bring_up(cfg: MqiConfig, config_file: Path) -> Supervisor:
         if problem:
             print(f"warning: {problem}", file=sys.stderr)
         if cfg.prefect.api_url is None and "serve" in cfg.processes.start:
+            freed = release_orphaned_gpu_slots(cfg)
+            if freed:
+                print(f"freed {freed} GPU slot(s) held by runs of the previous mqi up",
+                      flush=True)
             for name in resume_interrupted(cfg):
                 print(f"resuming {name}, interrupted when mqi up last stopped", flush=True)
         supervisor.children = first + rest

@@ -164,6 +164,9 @@ def test_kill_9_of_up_mid_simulation_then_restart_completes_the_case_once(inst: 
         up.wait()
 
         second = inst.start_up()
+        # the dead run's GPU slots are freed at once, not when their leases expire
+        wait_for(lambda: "freed 2 GPU slot(s) held by runs of the previous mqi up"
+                 in (inst.root / "up.log").read_text(), 10, "the orphaned GPU slots to be freed")
         terminal = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
         final = wait_for(lambda: (s := state_of(api, "killed-case")) in terminal and s, 240,
                          "the case to finish")
