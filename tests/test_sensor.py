@@ -4,9 +4,12 @@ and bad input never crashes it."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ from config import DEFAULT_PATH
 from config.loader import parse_config
 from deployments.sensor import CaseSensor
 from flows.synthetic_case import write_case
-from tests.support.pipeline import wait_for
+from tests.support.pipeline import REPO, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -155,3 +158,66 @@ def test_bad_names_deleted_folders_and_a_thousand_folders_at_once(api, tmp_path,
     assert any("bulk-0000" in m for m in incomplete)
     assert sum("bulk-0000" in m for m in incomplete) == 1  # reported once, not in a loop
     assert runs_of("vanishing") == [] and runs_of("bulk-0001") == []
+
+
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
+
+
+def _drop_root_file_access() -> None:  # pragma: no cover - runs in the child before exec
+    """Take from root the capabilities that let it read any file: after exec the
+    process is root that permission bits apply to, as a clinic's service account is."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            os._exit(97)
+
+
+def test_unreadable_root_and_file_are_reported_once_then_picked_up(api, tmp_path):
+    """The real sensor process (`python -m deployments.sensor`), unable to read what
+    permissions forbid: a scan root it may not list and a case with an unreadable file
+    are each said once, never start a run and never stop the sensor; both are picked
+    up once readable."""
+    root = tmp_path / "scan"
+    root.mkdir(mode=0)
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data["scanner"].update({"target_directory": str(root), "stability_seconds": 1.0,
+                            "rescan_interval_seconds": 1.0})
+    data["paths"]["data_dir"] = str(tmp_path / "data")
+    config = tmp_path / "mqi.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PREFECT_API_URL": api, "MQI_CONFIG_PATH": str(config),
+           "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    proc = subprocess.Popen([sys.executable, "-m", "deployments.sensor"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_drop_root_file_access)  # noqa: PLW1509
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    said = lambda text: sum(text in line for line in list(lines))  # noqa: E731
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        cap_eff = int(next(ln for ln in status.splitlines() if ln.startswith("CapEff:"))
+                      .split()[1], 16)
+        assert not cap_eff & (1 << CAP_DAC_OVERRIDE | 1 << CAP_DAC_READ_SEARCH), \
+            "the sensor still bypasses file permissions; this test would prove nothing"
+
+        wait_for(lambda: said("not readable"), 30, "the unreadable root to be reported")
+        root.chmod(0o755)
+        staged = write_case(tmp_path / "staging", "locked-case", beams=1, layers=1,
+                            spots_per_layer=10)
+        locked = next(staged.rglob("*.ptn"))
+        locked.chmod(0)
+        os.replace(staged, root / "locked-case")
+        (root / "locked-case" / "_CASE_READY").write_text("")
+        wait_for(lambda: said("cannot be read"), 30, "the unreadable file to be reported")
+        time.sleep(2.5)  # ticks and rescans go by: still said once, still no run
+        assert runs_of("locked-case") == []
+        (root / "locked-case" / locked.relative_to(staged)).chmod(0o644)
+        wait_for(lambda: runs_of("locked-case"), 30, "the run once the file is readable")
+        assert proc.poll() is None, "".join(lines)
+        assert said("not readable") == 1 and said("cannot be read") == 1, "".join(lines)
+        assert said("Traceback") == 0, "".join(lines)
+    finally:
+        proc.terminate()
+        code = proc.wait(30)
+    assert code == 0, "".join(lines)
