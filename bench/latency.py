@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import subprocess
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import yaml
+
+from bench.start_modes import add_baseline_flag, each_start_mode
 
 
 def _states(api: str, run_id: str) -> dict[str, float]:
@@ -110,24 +110,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--stability", type=float, default=30.0)
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the baseline run with Prefect's own (spawn) start")
+    add_baseline_flag(parser)
     args = parser.parse_args()
-
-    from tests.support.sshd import SshServer
-
-    work = Path(tempfile.mkdtemp(prefix="mqi-bench-latency-"))
-    sshd = SshServer(work / "sshd").start()
-    results = {}
-    try:
-        plans = [("warm", True)] if args.no_baseline else [("spawn", False), ("warm", True)]
-        for label, warm in plans:
-            print(f"{label}: prefect.warm_start={str(warm).lower()}", flush=True)
-            results[label] = measure(work, sshd, warm=warm, cases=args.cases,
-                                     stability=args.stability, label=label)
-    finally:
-        sshd.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    results = each_start_mode(
+        lambda work, sshd, warm, label: measure(work, sshd, warm=warm, cases=args.cases,
+                                                stability=args.stability, label=label),
+        no_baseline=args.no_baseline, prefix="mqi-bench-latency-")
 
     print(f"\nmarker -> Running, {args.cases} cases each, idle system "
           f"(stability window {args.stability:g} s: a case without a marker waits that "

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import yaml
+
+from bench.start_modes import add_baseline_flag, each_start_mode
 
 FORKSERVER = "multiprocessing.forkserver"
 
@@ -140,23 +140,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--sim-seconds", type=float, default=8.0)
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the baseline run with Prefect's own (spawn) start")
+    add_baseline_flag(parser)
     args = parser.parse_args()
-
-    from tests.support.sshd import SshServer
-
-    work = Path(tempfile.mkdtemp(prefix="mqi-bench-memory-"))
-    sshd = SshServer(work / "sshd").start()
-    results = {}
-    try:
-        plans = [("warm", True)] if args.no_baseline else [("spawn", False), ("warm", True)]
-        for name, warm in plans:
-            results[name] = measure(work, sshd, warm=warm, cases=args.cases,
-                                    sim_seconds=args.sim_seconds, label_=name)
-    finally:
-        sshd.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    results = each_start_mode(
+        lambda work, sshd, warm, label: measure(work, sshd, warm=warm, cases=args.cases,
+                                                sim_seconds=args.sim_seconds, label_=label),
+        no_baseline=args.no_baseline, prefix="mqi-bench-memory-")
     for name, result in results.items():
         _report(name, args.cases, result)
     if "spawn" in results:
