@@ -111,14 +111,15 @@ class Supervisor:
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=die_with_parent)  # noqa: PLW1509 - async-signal-safe prctl only
         log.info("%s started (pid %d, log %s)", child.name, child.proc.pid, child.log_file)
-        if child.ready is None and child.ready_file is None:
+        ready = child.ready or (child.ready_file and (lambda: _announced(child)))
+        if not ready:
             return
         deadline = time.monotonic() + child.ready_timeout
         while time.monotonic() < deadline:
             if child.proc.poll() is not None:
                 raise ChildFailed(f"{child.name} exited with code {child.proc.returncode} "
                                   f"while starting:\n{_tail(child.log_file)}")
-            if child.ready() if child.ready is not None else _announced(child):
+            if ready():
                 return
             time.sleep(0.05)
         raise ChildFailed(f"{child.name} was not ready within {child.ready_timeout:g} s:\n"

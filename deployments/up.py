@@ -192,8 +192,6 @@ def release_orphaned_gpu_slots(cfg: MqiConfig) -> int:
         for lease_id in asyncio.run(orphans(limit.id)):
             client.release_concurrency_slots_with_lease(lease_id)
             released += 1
-    if released:
-        log.warning("freed %d GPU slot(s) held by runs of the previous mqi up", released)
     return released
 
 

@@ -17,7 +17,6 @@ descendants of the serve process, which is what `mqi up` stops and cleans up by.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -56,7 +55,8 @@ def enable(preload: tuple[str, ...] = PRELOAD) -> bool:
         log.warning("warm flow-run starts unavailable here (no forkserver); "
                     "each case starts a fresh interpreter")
         return False
-    engine = importlib.import_module("prefect.flow_engine")
+    import prefect.flow_engine as engine
+
     if getattr(engine.multiprocessing, "get_context", None) is None:
         log.warning("warm flow-run starts unavailable: prefect.flow_engine no longer "
                     "starts runs through multiprocessing.get_context")
