@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from config.errors import MqiError
+
 if TYPE_CHECKING:
     from blocks.results import CommandResult
 
 
-class HostError(Exception):
+class HostError(MqiError):
     """Base class of everything a host block raises on purpose."""
 
 

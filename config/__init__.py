@@ -3,6 +3,7 @@
 Nothing outside this package parses YAML; everything else receives models.
 """
 
+from config.errors import MqiError
 from config.loader import (
     DEFAULT_PATH,
     DEMO_PATH,
@@ -20,6 +21,7 @@ __all__ = [
     "ENV_VAR",
     "ConfigError",
     "MqiConfig",
+    "MqiError",
     "config_path",
     "get_config",
     "load_config",

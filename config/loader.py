@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from config.errors import MqiError
 from config.models import MqiConfig, cross_section_issues, secret_hint
 
 ENV_VAR = "MQI_CONFIG_PATH"
@@ -27,13 +28,15 @@ DEFAULT_PATH = CONFIG_DIR / "config.default.yaml"
 DEMO_PATH = CONFIG_DIR / "demo.yaml"
 
 
-class ConfigError(Exception):
+class ConfigError(MqiError):
     """The configuration file is missing, unreadable or invalid.
 
     Attributes:
         path: The file concerned.
         issues: (key path, message) pairs; the key path is "" for whole-file problems.
     """
+
+    exit_code = 2
 
     def __init__(self, path: Path | str, issues: list[tuple[str, str]]) -> None:
         self.path = Path(path)

@@ -1,0 +1,21 @@
+"""The root of every error MQI Communicator raises on purpose.
+
+Each layer (config, blocks, flows, deployments) derives its errors from
+``MqiError``, so the CLI maps them to exit codes in one place and anything that
+is *not* an ``MqiError`` is, by definition, a bug worth a traceback.
+
+It lives in ``config`` because that is the bottom of the layering
+(config → blocks → flows → deployments): every layer may import it.
+"""
+
+from __future__ import annotations
+
+
+class MqiError(Exception):
+    """An expected failure with a message a clinical user can act on.
+
+    Attributes:
+        exit_code: The ``mqi`` command's exit status when this error ends it.
+    """
+
+    exit_code: int = 1
