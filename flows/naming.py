@@ -1,0 +1,51 @@
+"""How things are named in Prefect: the flow, its deployment, runs, tags, artifacts.
+
+Every place that creates a run (the sensor, ``mqi rerun``, serve) or looks one
+up (``mqi status``, the hooks, tests and benches) takes the names from here, so
+that a dashboard filter such as ``case:<id>`` means the same thing everywhere.
+Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import re
+
+FLOW_NAME = "process_case"
+DEPLOYMENT_NAME = "process-case"
+DEPLOYMENT = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
+"""The full name ``prefect deployment run`` and ``run_deployment`` take."""
+
+RUN_PREFIX = "case-"
+INVALID_RUN_NAME = f"{RUN_PREFIX}(invalid id)"
+"""The name of a run whose folder name failed the id check: never show the unchecked name."""
+
+SYSTEM_TAG = "mqi"
+SIMULATED_TAG = "SIMULATED"
+
+
+def run_name(case_id: str) -> str:
+    """``case-<case_id>``: the flow run's name, from its creation on."""
+    return f"{RUN_PREFIX}{case_id}"
+
+
+def case_id_from_run_name(name: str) -> str | None:
+    """The case id a run name carries, or None for a run not named by us."""
+    if not name.startswith(RUN_PREFIX) or name == INVALID_RUN_NAME:
+        return None
+    return name.removeprefix(RUN_PREFIX)
+
+
+def case_tag(case_id: str) -> str:
+    """``case:<case_id>``: the tag a dashboard filters one case's runs by."""
+    return f"case:{case_id}"
+
+
+def patient_tag(patient_hash: str) -> str:
+    """``patient:<hash>``: a pseudonym, never the patient id itself."""
+    return f"patient:{patient_hash}"
+
+
+def report_artifact_key(case_id: str) -> str:
+    """The report artifact's key: Prefect allows lowercase letters, digits and dashes."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", case_id.lower()).strip("-")[:60] or "case"
+    return f"case-{slug}"
