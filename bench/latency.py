@@ -48,7 +48,7 @@ def _states(api: str, run_id: str) -> dict[str, float]:
 def measure(work: Path, sshd: object, *, warm: bool, cases: int, stability: float,
             label: str) -> list[dict[str, float]]:
     """Start `mqi up` with warm_start on or off, drop ``cases`` cases one at a time."""
-    from flows.synthetic_case import write_case
+    from demo.synthetic_case import write_case
     from tests.support.pipeline import write_installation
 
     inst = write_installation(work / label, sshd)

@@ -72,8 +72,8 @@ def label(pid: int, parents: dict[int, int]) -> str:
 def measure(work: Path, sshd: object, *, warm: bool, cases: int, sim_seconds: float,
             label_: str) -> dict:
     from blocks import procfs
+    from demo.synthetic_case import write_case
     from deployments.supervisor import descendants
-    from flows.synthetic_case import write_case
     from tests.support.pipeline import write_installation
 
     inst = write_installation(work / label_, sshd)

@@ -64,9 +64,9 @@ def main() -> None:
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     from config import load_config
+    from demo.synthetic_case import write_case
     from deployments import server
     from flows.process_case import process_case
-    from flows.synthetic_case import write_case
 
     cfg = load_config(inst.config)
     proc = server.start_server(cfg, inst.root / "server.log")

@@ -144,8 +144,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     outcome: dict[str, bool] = {}
 
     def drop_case_and_wait(stopping: Any) -> bool:
+        from demo.synthetic_case import write_case
         from deployments.status import case_statuses
-        from flows.synthetic_case import write_case
 
         scan_root.mkdir(parents=True, exist_ok=True)
         case_id = time.strftime("DEMO-%Y%m%d-%H%M%S")

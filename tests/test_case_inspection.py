@@ -6,8 +6,8 @@ import pydicom
 import pytest
 
 from config import DEFAULT_PATH, load_config
+from demo.synthetic_case import BROKEN_KINDS, write_case
 from flows.case_inspection import CaseRejected, inspect_case, patient_hash, read_plan_info
-from flows.synthetic_case import BROKEN_KINDS, write_case
 
 CFG = load_config(DEFAULT_PATH)
 PATTERN = CFG.cases.id_pattern

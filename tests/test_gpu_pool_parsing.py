@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The captures live in the shared folder beside the repository (CI lays it there too).
 FIXTURES = Path(os.environ.get("MQI_SHARED_DIR", REPO.parent / "shared")) / "fixtures" / \
     "nvidia-h100"
-SIM = REPO / "tests" / "simulators" / "nvidia_smi.py"
+SIM = REPO / "demo" / "simulators" / "nvidia_smi.py"
 
 
 def fixture(name: str) -> str:

@@ -16,8 +16,8 @@ import pydicom
 import pytest
 
 from config import get_config, load_config
+from demo.synthetic_case import BROKEN_KINDS, write_case
 from deployments import server
-from flows.synthetic_case import BROKEN_KINDS, write_case
 from tests.support.pipeline import REPO, Installation, write_installation
 
 pytestmark = pytest.mark.integration

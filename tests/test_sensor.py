@@ -19,8 +19,8 @@ import yaml
 
 from config import DEFAULT_PATH
 from config.loader import parse_config
+from demo.synthetic_case import write_case
 from deployments.sensor import CaseSensor
-from flows.synthetic_case import write_case
 from tests.support.pipeline import REPO, wait_for
 
 pytestmark = pytest.mark.integration

@@ -62,7 +62,7 @@ def test_render_step_command_quotes_values_and_tool_words():
     cfg = load_config(DEMO_PATH)
     command = render_step_command(cfg, "run_moqui_sim", {
         "case_id": "1.2.840.1", "input_file": "/work/case 1/beam;1.in", "gpu_id": 1})
-    assert command == "python3 tests/simulators/tps_env.py '/work/case 1/beam;1.in'"
+    assert command == "python3 -m demo.simulators.tps_env '/work/case 1/beam;1.in'"
 
 
 def test_render_step_command_runs_exactly_the_intended_argv(tmp_path):

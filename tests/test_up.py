@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from blocks import procfs
+from demo.synthetic_case import write_case
 from deployments.supervisor import descendants
-from flows.synthetic_case import write_case
 from tests.support.pipeline import REPO, Installation, wait_for, write_installation
 
 pytestmark = pytest.mark.integration

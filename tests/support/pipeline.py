@@ -3,6 +3,7 @@ real Prefect server, plus helpers to read what the simulators recorded."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -20,7 +21,6 @@ from config import DEFAULT_PATH
 from tests.support.sshd import SshServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
-SIMULATORS = REPO / "tests" / "simulators"
 GPU_QUERY = ("--query-gpu=index,uuid,name,memory.total,memory.used,memory.free,"
              "utilization.gpu,temperature.gpu --format=csv,noheader,nounits")
 APPS_QUERY = "--query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader,nounits"
@@ -118,7 +118,7 @@ def write_installation(root: Path, sshd: SshServer, port: int | None = None) -> 
     inst.set_control()
     data = yaml.safe_load(DEFAULT_PATH.read_text())
     py = sys.executable
-    smi = f"{py} {SIMULATORS / 'nvidia_smi.py'} --control {inst.control}"
+    smi = f"{py} -m {simulator('nvidia_smi')} --control {inst.control}"
     data["prefect"].update(server_port=port)
     data["paths"] = {"data_dir": str(root / "data"), "results_root": str(inst.results),
                      "remote_work_root": str(inst.remote_root), "clean_remote_work_dir": False}
@@ -133,15 +133,33 @@ def write_installation(root: Path, sshd: SshServer, port: int | None = None) -> 
                        concurrency_limit=f"mqi-gpu-{port}")
     data["tools"] = {
         "python": py,
-        "interpreter": [str(SIMULATORS / "interpreter.py"), "--control", str(inst.control)],
-        "moqui": [py, str(SIMULATORS / "tps_env.py"), "--control", str(inst.control)],
-        "raw2dicom": [str(SIMULATORS / "raw2dicom.py"), "--control", str(inst.control)],
+        "interpreter": ["-m", simulator("interpreter"), "--control", str(inst.control)],
+        "moqui": [py, "-m", simulator("tps_env"), "--control", str(inst.control)],
+        "raw2dicom": ["-m", simulator("raw2dicom"), "--control", str(inst.control)],
     }
     data["retries"] = {"default": {"retries": 0, "retry_delay_seconds": 0, "backoff_factor": 1,
                                    "timeout_seconds": 300}, "steps": {}}
     data["simulated"] = True
     inst.config.write_text(yaml.safe_dump(data, sort_keys=False))
     return inst
+
+
+def simulator(tool: str) -> str:
+    """The module of a simulated tool, for ``python -m``."""
+    _check_demo_installed()
+    return f"demo.simulators.{tool}"
+
+
+@functools.cache
+def _check_demo_installed() -> None:
+    """Over sshd the tools run in a fresh login with the test's Python, outside the
+    checkout: that Python must import ``demo`` from its installation."""
+    found = subprocess.run([sys.executable, "-c", "import demo.simulators"], cwd="/",
+                           capture_output=True, text=True, timeout=60)
+    if found.returncode != 0:
+        raise RuntimeError(f"{sys.executable} cannot import demo.simulators outside the "
+                           f"checkout; reinstall (scripts/install.sh test):\n"
+                           f"{found.stderr[-500:]}")
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:

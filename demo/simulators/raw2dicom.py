@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import struct
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _simctl  # noqa: E402
+from demo.simulators import _simctl
 
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import shutil
 import struct
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _simctl  # noqa: E402
+from demo.simulators import _simctl
 
 COLUMNS = ["SPOT", "X_POS", "Y_POS", "X_SIZE", "Y_SIZE", "LAYER", "ENERGY_X10", "FLAGS"]
 

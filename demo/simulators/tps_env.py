@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _simctl  # noqa: E402
+from demo.simulators import _simctl
 
 GRID = (10, 16, 16)  # frames, rows, columns
 

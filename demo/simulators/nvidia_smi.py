@@ -11,11 +11,9 @@ for somebody else's process on GPU N. The GPU name says SIMULATED.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _simctl  # noqa: E402
+from demo.simulators import _simctl
 
 NAME = "NVIDIA H100 80GB HBM3 (SIMULATED)"
 TOTAL = 81559
