@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import Field, HttpUrl
 
 log = logging.getLogger("mqi.gpu_pool")
 
@@ -162,11 +162,12 @@ class GpuPool(Block):
 
     _block_type_name = "MQI GPU Pool"
     _block_type_slug = "mqi-gpu-pool"
-    _logo_url = "https://images.ctfassets.net/gm98wzqotmnx/4CxjycqILlT9S9YchI7o1q/ee62e2089dfceb19072245c62f0c69d2/image11.png"  # noqa: E501
+    _logo_url = HttpUrl(
+        "https://images.ctfassets.net/gm98wzqotmnx/4CxjycqILlT9S9YchI7o1q/ee62e2089dfceb19072245c62f0c69d2/image11.png")  # noqa: E501
     _description = ("GPUs of the GPU host, read with nvidia-smi or NVML, lent to one "
                     "simulation at a time through Prefect global concurrency limits and a "
                     "per-index lock file on the host.")
-    _documentation_url = "https://docs.prefect.io/v3/concepts/global-concurrency-limits"
+    _documentation_url = HttpUrl("https://docs.prefect.io/v3/concepts/global-concurrency-limits")
 
     source: str = Field(default="nvidia-smi", description="nvidia-smi or nvml.")
     query_command: str = Field(description="Command printing --query-gpu CSV.")
@@ -260,19 +261,15 @@ class GpuPool(Block):
         watcher = threading.Thread(target=contextvars.copy_context().run, args=(say_waiting,),
                                    daemon=True, name="mqi-gpu-wait")
         watcher.start()
-        slot = concurrency(self.limit_name, occupy=1, lease_duration=self.lease_seconds,
-                           strict=True)
         try:
-            slot.__enter__()
+            # The slot is released however the block ends (return, error, cancellation);
+            # a crashed holder's slot comes back when its lease expires.
+            with concurrency(self.limit_name, occupy=1, lease_duration=self.lease_seconds,
+                             strict=True):
+                admitted.set()
+                yield
         finally:
-            admitted.set()
-        try:
-            yield
-        except BaseException as exc:
-            if not slot.__exit__(type(exc), exc, exc.__traceback__):
-                raise
-        else:
-            slot.__exit__(None, None, None)
+            admitted.set()  # also when taking the slot failed: the watcher stops either way
 
     def locked_indices(self, host: CommandHost, indices: list[int]) -> set[int]:
         """Indices whose lock file on the host is held by a running simulation now."""

@@ -18,7 +18,7 @@ import sys
 import time
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import Field, HttpUrl
 
 from blocks.errors import CommandError, CommandTimeoutError, TransferError
 from blocks.manifest import CHUNK, part_name, sha256_file, walk_local
@@ -33,13 +33,14 @@ class LocalHost(Block):
 
     _block_type_name = "MQI Local Host"
     _block_type_slug = "mqi-local-host"
-    _logo_url = "https://images.ctfassets.net/gm98wzqotmnx/5h9vGvpbqhtDDMpvMxCHFe/8a4ad5c0d0a40b4a04e8b0fdfdc5f6bb/shell.png"  # noqa: E501
+    _logo_url = HttpUrl(
+        "https://images.ctfassets.net/gm98wzqotmnx/5h9vGvpbqhtDDMpvMxCHFe/8a4ad5c0d0a40b4a04e8b0fdfdc5f6bb/shell.png")  # noqa: E501
     _description = (
         "The machine the flow runs on, used like a remote host: runs commands in their own "
         "process group with output streamed to the run log, and copies directory trees with "
         "SHA-256 verification and atomic renames."
     )
-    _documentation_url = "https://docs.python.org/3/library/subprocess.html"
+    _documentation_url = HttpUrl("https://docs.python.org/3/library/subprocess.html")
 
     shell: str = Field(default="/bin/sh", description="Shell that interprets each command.")
     working_dir: str | None = Field(

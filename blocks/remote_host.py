@@ -24,7 +24,7 @@ from typing import Any
 
 import paramiko
 from prefect.blocks.core import Block
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, HttpUrl, PrivateAttr, SecretStr
 
 from blocks.errors import (
     CommandError,
@@ -149,13 +149,14 @@ class RemoteHost(Block):
 
     _block_type_name = "MQI Remote Host"
     _block_type_slug = "mqi-remote-host"
-    _logo_url = "https://images.ctfassets.net/gm98wzqotmnx/4CxjycqILlT9S9YchI7o1q/ee62e2089dfceb19072245c62f0c69d2/image11.png"  # noqa: E501
+    _logo_url = HttpUrl(
+        "https://images.ctfassets.net/gm98wzqotmnx/4CxjycqILlT9S9YchI7o1q/ee62e2089dfceb19072245c62f0c69d2/image11.png")  # noqa: E501
     _description = (
         "An SSH host (the GPU server): runs commands in their own process group, streams "
         "their output into the Prefect run log, kills them on timeout or cancellation, and "
         "moves directory trees with verified, atomic SFTP transfers."
     )
-    _documentation_url = "https://docs.paramiko.org/en/stable/api/client.html"
+    _documentation_url = HttpUrl("https://docs.paramiko.org/en/stable/api/client.html")
 
     hostname: str = Field(..., description="DNS name or IP address of the host.")
     port: int = Field(default=22, ge=1, le=65535, description="SSH port of the host.")
