@@ -15,7 +15,7 @@ class MqiError(Exception):
     """An expected failure with a message a clinical user can act on.
 
     Attributes:
-        exit_code: The ``mqi`` command's exit status when this error ends it.
+        exit_status: The ``mqi`` command's exit status when this error ends it.
     """
 
-    exit_code: int = 1
+    exit_status: int = 1

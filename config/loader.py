@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from config.errors import MqiError
 from config.models import MqiConfig, cross_section_issues, secret_hint
@@ -36,7 +37,7 @@ class ConfigError(MqiError):
         issues: (key path, message) pairs; the key path is "" for whole-file problems.
     """
 
-    exit_code = 2
+    exit_status = 2
 
     def __init__(self, path: Path | str, issues: list[tuple[str, str]]) -> None:
         self.path = Path(path)
@@ -120,7 +121,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     kind = error["type"]
     loc = error["loc"]
     if kind == "missing":

@@ -84,8 +84,8 @@ class PrefectSettings(Section):
 
 
 class PathsSettings(Section):
-    data_dir: LocalPath = "~/.mqi"
-    results_root: LocalPath = "~/mqi/results"
+    data_dir: LocalPath = Path("~/.mqi")
+    results_root: LocalPath = Path("~/mqi/results")
     remote_work_root: RemotePath = "/tmp/mqi/cases"
     clean_remote_work_dir: bool = True
 
@@ -130,7 +130,7 @@ class HostSettings(Section):
     private_key_env: EnvName | None = None
     passphrase_env: EnvName | None = None
     password_env: EnvName | None = None
-    known_hosts_path: LocalPath = "~/.ssh/known_hosts"
+    known_hosts_path: LocalPath = Path("~/.ssh/known_hosts")
     auto_add_host_keys: bool = False
     connect_timeout_seconds: PositiveSeconds = 10.0
     keepalive_seconds: Annotated[int, Field(ge=0)] = 30
@@ -203,7 +203,7 @@ class ArchiverSettings(Section):
     enabled: bool = True
     schedule_cron: str = "0 3 * * *"
     keep_days: Annotated[int, Field(ge=1)] = 30
-    archive_dir: LocalPath = "~/mqi/archive"
+    archive_dir: LocalPath = Path("~/mqi/archive")
 
 
 class CuratorSettings(Section):
@@ -257,7 +257,14 @@ STEP_PLACEHOLDERS: dict[str, frozenset[str]] = {
     "run_moqui_sim": BEAM_PLACEHOLDERS | {"gpu_id", "input_file", "raw_dir"},
     "convert_to_dicom": BEAM_PLACEHOLDERS | {"raw_dir", "dicom_dir"},
 }
-"""Values the code offers to each built-in step's command; other steps get the case's."""
+"""Values the code offers to each built-in step's command; other steps get the case's.
+
+``flows.layout.RemoteLayout.step_values`` builds exactly these values; a test
+holds the two together."""
+GPU_STEP = "run_moqui_sim"
+"""The step that holds one GPU while it runs."""
+BEAM_STEPS = frozenset(s for s, names in STEP_PLACEHOLDERS.items() if "beam_number" in names)
+"""Steps that run once per beam (as one chain per beam, beams in parallel)."""
 MOQUI_PLACEHOLDERS = frozenset({
     "case_id", "gpu_id", "parent_dir", "dicom_dir", "log_dir", "output_dir", "beam_number",
     "gantry_num", "output_format", "random_seed"})

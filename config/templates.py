@@ -12,10 +12,12 @@ import shlex
 import string
 from collections.abc import Iterable, Mapping
 
+from config.errors import MqiError
+
 _FORMATTER = string.Formatter()
 
 
-class TemplateError(ValueError):
+class TemplateError(MqiError, ValueError):
     """A template is malformed, uses an unknown placeholder, or lacks a value."""
 
 

@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-FLOW_NAME = "process_case"
-GPU_IN_DESCRIPTION = re.compile(r"beam (\d+) on GPU (\d+)")
+from flows.naming import FLOW_NAME, case_id_from_run_name, gpu_from_task_run_name
 
 
 @dataclass
@@ -46,15 +45,10 @@ def case_statuses(only_failed: bool = False, limit: int = 2000) -> list[CaseStat
     """The newest flow run of every case, newest first."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
         FlowFilter,
         FlowFilterName,
         FlowRunFilter,
         FlowRunFilterId,
-        TaskRunFilter,
-        TaskRunFilterState,
-        TaskRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
@@ -71,26 +65,25 @@ def case_statuses(only_failed: bool = False, limit: int = 2000) -> list[CaseStat
         newest: dict[str, Any] = {}
         for run in sorted(runs, key=lambda r: r.created or datetime.min.replace(tzinfo=UTC),
                           reverse=True):
-            case_id = run.name.removeprefix("case-")
-            newest.setdefault(case_id, run)
+            case_id = case_id_from_run_name(run.name)
+            if case_id is not None:
+                newest.setdefault(case_id, run)
         out = []
         for case_id, run in newest.items():
             state_type = run.state.type.value if run.state else "PENDING"
             if only_failed and state_type not in ("FAILED", "CRASHED", "CANCELLED"):
                 continue
-            running: list[str] = []
-            if state_type == "RUNNING":
-                tasks = client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-                    task_run_filter=TaskRunFilter(state=TaskRunFilterState(
-                        type=TaskRunFilterStateType(any_=[StateType.RUNNING]))))
-                running = sorted(t.name for t in tasks)
-            artifacts = client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-                    any_=[run.id])))
-            gpus = sorted({f"beam {m.group(1)}: GPU {m.group(2)}"
-                           for a in artifacts if a.description
-                           for m in [GPU_IN_DESCRIPTION.search(a.description)] if m})
+            # The GPU a simulation holds is part of its task run's name (set by the
+            # task once it holds the index); the newest run of each beam counts.
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            running = sorted(t.name for t in tasks
+                             if t.state is not None and t.state.type == StateType.RUNNING)
+            held: dict[int, int] = {}
+            for t in sorted(tasks, key=lambda t: t.created or datetime.min.replace(tzinfo=UTC)):
+                if (beam_gpu := gpu_from_task_run_name(t.name)) is not None:
+                    held[beam_gpu[0]] = beam_gpu[1]
+            gpus = [f"beam {beam}: GPU {gpu}" for beam, gpu in sorted(held.items())]
             reason = None
             if state_type in ("FAILED", "CRASHED", "CANCELLED") and run.state:
                 reason = re.sub(r"^Flow run encountered an exception: (\w+: )?", "",

@@ -16,19 +16,23 @@ from pydantic import BaseModel
 from pydicom.errors import InvalidDicomError
 
 from blocks.manifest import sha256_file
+from config import MqiError
 from flows.commands import CaseIdError, validate_case_id
 
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
 PTN_ROW_BYTES = 16  # 8 x big-endian uint16
 
 
-class CaseRejected(Exception):
+class CaseRejected(MqiError):
     """The folder is not a processable case; ``reason`` says exactly why."""
 
     def __init__(self, case_dir: str | os.PathLike[str], reason: str) -> None:
         self.case_dir = str(case_dir)
         self.reason = reason
         super().__init__(f"case {Path(case_dir).name!r} refused: {reason}")
+
+    def __reduce__(self) -> tuple[object, ...]:  # crosses from the task to the flow
+        return (CaseRejected, (self.case_dir, self.reason))
 
 
 class Beam(BaseModel):

@@ -12,12 +12,12 @@ import re
 import shlex
 from collections.abc import Mapping
 
-from config import MqiConfig
+from config import MqiConfig, MqiError
 from config.models import step_placeholders
 from config.templates import TemplateError, render
 
 
-class CaseIdError(ValueError):
+class CaseIdError(MqiError, ValueError):
     """A case id that does not match the configured pattern."""
 
 

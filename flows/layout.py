@@ -10,8 +10,17 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from config import MqiConfig
+from config.models import CASE_PLACEHOLDERS, STEP_PLACEHOLDERS
+from config.templates import TemplateError
+
+if TYPE_CHECKING:
+    from flows.case_inspection import Beam
+
+GpuId = int | str
+"""A GPU index, or a stand-in such as ``"{gpu}"`` when a cache key is computed."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,49 @@ class RemoteLayout:
     @property
     def plan_dir(self) -> str:
         return posixpath.join(self.output_dir, "plan")
+
+    # ------------------------------------------------------------ template values
+    # The one place that says what each placeholder means. Which of them a step
+    # may use is config.models.STEP_PLACEHOLDERS, the registry `mqi config check`
+    # validates templates against: a step is offered exactly those, never fewer.
+    def step_values(self, step: str, beam: Beam | None = None,
+                    gpu_id: GpuId | None = None) -> dict[str, object]:
+        """The values a command template of ``step`` may use, for this case (and beam).
+
+        Raises:
+            TemplateError: The step takes a per-beam or per-GPU value and no beam
+                or GPU was given (a step used where the workflow cannot supply it).
+        """
+        offered: dict[str, object] = {
+            "case_id": self.case_id, "case_dir": self.case_dir, "work_dir": self.work_dir,
+            "output_dir": self.output_dir, "log_dir": self.log_dir}
+        if beam is not None:
+            offered |= {
+                "beam_number": beam.number, "beam_name": beam.name,
+                "beam_dir": posixpath.join(self.case_dir, beam.delivery_dir),
+                "input_file": self.input_file(beam.number),
+                "raw_dir": self.raw_dir(beam.number), "dicom_dir": self.dicom_dir(beam.number)}
+        if gpu_id is not None:
+            offered["gpu_id"] = gpu_id
+        wanted = STEP_PLACEHOLDERS.get(step, CASE_PLACEHOLDERS)
+        missing = sorted(wanted - offered.keys())
+        if missing:
+            raise TemplateError(f"step {step!r} needs {', '.join(missing)}, which this "
+                                f"point of the workflow cannot supply")
+        return {name: offered[name] for name in sorted(wanted)}
+
+    def moqui_values(self, beam: Beam, gpu_id: GpuId) -> dict[str, object]:
+        """The values of ``moqui.input_template`` that the case, beam and GPU decide.
+
+        ``output_format`` and ``random_seed`` (the rest of
+        ``config.models.MOQUI_PLACEHOLDERS``) come from the ``moqui`` section itself.
+        """
+        values: dict[str, object] = {
+            "case_id": self.case_id, "gpu_id": gpu_id, "parent_dir": self.work_dir,
+            "dicom_dir": self.plan_dir, "log_dir": self.beam_log_dir(beam.number),
+            "output_dir": self.raw_dir(beam.number), "beam_number": beam.number,
+            "gantry_num": beam.gantry_num if beam.gantry_num is not None else ""}
+        return values
 
 
 def remote_layout(cfg: MqiConfig, case_id: str) -> RemoteLayout:

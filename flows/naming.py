@@ -45,6 +45,26 @@ def patient_tag(patient_hash: str) -> str:
     return f"patient:{patient_hash}"
 
 
+SIMULATION_TASK = re.compile(r"run_moqui_sim-beam(\d+)(?:-gpu(\d+))?")
+
+
+def simulation_task_run_name(beam: int, gpu: int | None = None) -> str:
+    """``run_moqui_sim-beam<N>``, and ``-gpu<I>`` once the beam holds GPU index I.
+
+    The GPU a beam holds is part of its task run's name so that the dashboard
+    and ``mqi status`` show it while it runs, not only in the final report.
+    """
+    return f"run_moqui_sim-beam{beam}" + ("" if gpu is None else f"-gpu{gpu}")
+
+
+def gpu_from_task_run_name(name: str) -> tuple[int, int] | None:
+    """(beam, GPU index) from a simulation task run's name; None before a GPU is held."""
+    match = SIMULATION_TASK.fullmatch(name)
+    if match is None or match.group(2) is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
 def report_artifact_key(case_id: str) -> str:
     """The report artifact's key: Prefect allows lowercase letters, digits and dashes."""
     slug = re.sub(r"[^a-z0-9-]+", "-", case_id.lower()).strip("-")[:60] or "case"

@@ -11,12 +11,17 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
+from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
 from config import MqiConfig
+
+if TYPE_CHECKING:
+    from flows.case_inspection import CaseInfo
+    from flows.outcomes import SimulationOutcome
 
 PROGRESS = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
 
@@ -46,7 +51,9 @@ class ProgressReporter:
         self._logger = get_run_logger()
         self._label = f"case {case_id} beam {beam} on GPU {gpu}" + \
             (" (SIMULATED)" if simulated else "")
-        self._artifact = create_progress_artifact(progress=0.0, description=self._label)
+        # Called from a sync task, so Prefect's sync_compatible returns the id itself.
+        self._artifact = cast(UUID, create_progress_artifact(progress=0.0,
+                                                              description=self._label))
         self._shown = 0.0
         self._last_update = 0.0
 
@@ -78,7 +85,8 @@ class ProgressReporter:
             self._set(100.0)
 
 
-def render_report(cfg: MqiConfig, info: Any, workflow: str, sims: dict[int, dict],
+def render_report(cfg: MqiConfig, info: CaseInfo, workflow: str,
+                  sims: dict[int, SimulationOutcome],
                   files: dict[str, dict[str, str]], seconds: float) -> str:
     """The case report (markdown): plan, beams, GPU used, durations, result files."""
     sim = " — SIMULATED" if cfg.simulated else ""
@@ -105,13 +113,13 @@ def render_report(cfg: MqiConfig, info: Any, workflow: str, sims: dict[int, dict
         "|---|---|---|---|---|---|---|",
     ]
     for beam in info.beams:
-        s = sims.get(beam.number, {})
+        s = sims.get(beam.number)
         lines.append(f"| {beam.number} | {beam.name} | {beam.machine} | {beam.gantry_num} | "
-                     f"{s.get('gpu', '—')} | {s.get('seconds', 0):.1f} | "
-                     f"{s.get('waited', 0):.1f} |")
+                     + (f"{s.gpu} | {s.seconds:.1f} | {s.waited:.1f} |" if s
+                        else "— | — | — |"))
     lines += ["", "## Result files", "", "| beam | file | SHA-256 |", "|---|---|---|"]
-    for beam, entries in sorted(files.items(), key=lambda kv: int(kv[0])):
+    for beam_key, entries in sorted(files.items(), key=lambda kv: int(kv[0])):
         for name, digest in entries.items():
-            lines.append(f"| {beam} | `{name}` | `{digest}` |")
+            lines.append(f"| {beam_key} | `{name}` | `{digest}` |")
     lines += ["", f"Stage logs: `{Path(cfg.paths.results_root) / info.case_id / 'logs'}`", ""]
     return "\n".join(lines)

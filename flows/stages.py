@@ -1,0 +1,205 @@
+"""The stage tasks of ``process_case``: one task run per stage (and per beam).
+
+Tasks take names, digests and rendered commands, never live clients: each task
+loads the configuration and builds its host itself, so every input is hashable
+for the cache (flows/caching.py) and any process — serve, a worker, the CLI —
+can run any stage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from blocks.factory import gpu_host, gpu_pool
+from blocks.gpu_pool import LOCK_BUSY_EXIT
+from config import get_config
+from config.models import GPU_STEP
+from flows.caching import StageIdentity
+from flows.case_inspection import Beam, CaseInfo, inspect_case
+from flows.layout import remote_layout, results_dir
+from flows.moqui_input import render_simulation
+from flows.naming import report_artifact_key, simulation_task_run_name
+from flows.outcomes import (
+    DownloadOutcome,
+    SimulationOutcome,
+    StageFailed,
+    StepOutcome,
+    UploadOutcome,
+)
+from flows.remote_stage import moqui_verdict, run_remote
+from flows.reporting import ProgressReporter, render_report
+
+
+@task(name="inspect")
+def inspect_stage(case_dir: str) -> CaseInfo:
+    """Read and check the case folder here, before anything leaves the machine."""
+    cfg = get_config()
+    # A folder named inside the scan root must really be there (no link, no ..);
+    # `mqi run` may also process a folder from anywhere else, as given.
+    in_scan_root = Path(case_dir).absolute().parent == Path(
+        cfg.scanner.target_directory).absolute()
+    info = inspect_case(case_dir, id_pattern=cfg.cases.id_pattern,
+                        scan_root=cfg.scanner.target_directory if in_scan_root else None,
+                        gantry_numbers=cfg.moqui.gantry_numbers,
+                        ignore={cfg.scanner.ready_marker})
+    get_run_logger().info(
+        "case %s: plan %s, %d treatment beam(s) (%s), %d setup beam(s) excluded, %d files, "
+        "%.1f MB", info.case_id, info.plan_label, len(info.beams),
+        ", ".join(f"{b.number} {b.name} {b.machine}" for b in info.beams), info.setup_beams,
+        len(info.manifest), info.total_bytes / 1e6)
+    return info
+
+
+@task(name="upload", cache_policy=StageIdentity(exclude=("case_dir",)), persist_result=True)
+def upload_stage(case_dir: str, case_id: str, digest: str, remote_dir: str) -> UploadOutcome:
+    """Send the case to ``remote_dir``; the same content there again is not sent again."""
+    cfg = get_config()
+    layout = remote_layout(cfg, case_id)
+    host = gpu_host(cfg)
+    host.run(f"mkdir -p -- {shlex.quote(layout.pid_dir)} {shlex.quote(layout.log_dir)}",
+             stream=False)
+    result = host.upload(case_dir, remote_dir)
+    get_run_logger().info("upload: %d file(s), %.1f MB in %.2f s (%d already there)",
+                          len(result.files), result.bytes / 1e6, result.seconds,
+                          len(result.skipped))
+    return UploadOutcome(files=len(result.files), skipped=len(result.skipped),
+                         bytes=result.bytes, seconds=result.seconds)
+
+
+@task(name="case-step", task_run_name="{step}", cache_policy=StageIdentity(),
+      persist_result=True)
+def case_step(step: str, case_id: str, digest: str, command: str) -> StepOutcome:
+    """A workflow step that runs once per case (``run_interpreter``)."""
+    cfg = get_config()
+    result = run_remote(gpu_host(cfg), cfg, remote_layout(cfg, case_id), step, command)
+    return StepOutcome(step=step, seconds=result.duration)
+
+
+@task(name="beam-step", task_run_name="{step}-beam{beam_number}", cache_policy=StageIdentity(),
+      persist_result=True)
+def beam_step(step: str, case_id: str, digest: str, beam_number: int,
+              command: str) -> StepOutcome:
+    """A workflow step that runs once per beam and needs no GPU (``convert_to_dicom``)."""
+    cfg = get_config()
+    result = run_remote(gpu_host(cfg), cfg, remote_layout(cfg, case_id), step, command,
+                        beam=beam_number)
+    return StepOutcome(step=step, seconds=result.duration, beam=beam_number)
+
+
+def simulation_recipe(inputs: Mapping[str, Any]) -> str:
+    """What a beam's simulation computes, with the GPU left open: any GPU will do."""
+    cfg = get_config()
+    layout = remote_layout(cfg, inputs["case_id"])
+    return render_simulation(cfg, layout, inputs["beam"], "{gpu}").recipe
+
+
+def _name_task_run(name: str) -> None:
+    """Rename the running task run (the dashboard and ``mqi status`` read it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.set_task_run_name(context.task_run.id, name)
+
+
+@task(name="simulate", task_run_name="run_moqui_sim-beam{beam.number}",
+      cache_policy=StageIdentity(recipe=simulation_recipe), persist_result=True)
+def simulate_beam(case_id: str, digest: str, beam: Beam) -> SimulationOutcome:
+    """Run MOQUI for one beam on one concrete GPU, held for the whole run.
+
+    Admission (the GPU concurrency limit) bounds how many run at once; the
+    index is chosen among free GPUs and held by a ``flock`` on the GPU host,
+    so losing a race for an index means choosing again, never sharing one.
+    """
+    cfg = get_config()
+    logger = get_run_logger()
+    layout = remote_layout(cfg, case_id)
+    host = gpu_host(cfg)
+    pool = gpu_pool(cfg)
+    waited_from = time.monotonic()
+    with pool.admission(logger):
+        for attempt in itertools.count():
+            index = pool.choose_index(host, logger, spread=beam.number + attempt)
+            waited = time.monotonic() - waited_from
+            logger.info("beam %d: GPU %d is ours (waited %.1f s)", beam.number, index, waited)
+            _name_task_run(simulation_task_run_name(beam.number, index))
+            visible = cfg.gpu.set_cuda_visible_devices
+            sim = render_simulation(cfg, layout, beam, 0 if visible else index)
+            host.write_file(sim.input_file, sim.input_text.encode())
+            progress = ProgressReporter(case_id, beam.number, index, cfg.simulated)
+            try:
+                result = run_remote(
+                    host, cfg, layout, GPU_STEP, pool.locked_command(index, sim.command),
+                    beam=beam.number, env={"CUDA_VISIBLE_DEVICES": str(index)} if visible
+                    else None, on_line=progress.line, verdict=moqui_verdict(cfg))
+            except StageFailed as exc:
+                progress.finish(failed=True)
+                if exc.exit_code == LOCK_BUSY_EXIT:
+                    logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
+                                beam.number, index)
+                    continue
+                raise
+            progress.finish()
+            return SimulationOutcome(beam=beam.number, gpu=index, seconds=result.duration,
+                                     waited=waited)
+    raise AssertionError("unreachable")  # itertools.count() never ends
+
+
+@task(name="download", cache_policy=StageIdentity(), persist_result=True)
+def download_stage(case_id: str, digest: str, steps: tuple[str, ...],
+                   beams: tuple[int, ...]) -> DownloadOutcome:
+    """Bring the RT Dose files of every beam back into the case's results folder."""
+    cfg = get_config()
+    layout = remote_layout(cfg, case_id)
+    result = gpu_host(cfg).download(layout.dicom_root, results_dir(cfg, case_id) / "dicom")
+    get_run_logger().info("download: %d file(s), %.1f MB in %.2f s", len(result.files),
+                          result.bytes / 1e6, result.seconds)
+    return DownloadOutcome(checksums=result.checksums, seconds=result.seconds)
+
+
+@task(name="verify")
+def verify_stage(case_id: str, beams: list[int]) -> dict[str, dict[str, str]]:
+    """Every beam has a readable RT Dose in the results folder; returns beam → {file: sha}."""
+    import pydicom
+
+    from blocks.manifest import sha256_file
+
+    cfg = get_config()
+    out: dict[str, dict[str, str]] = {}
+    for beam in beams:
+        folder = results_dir(cfg, case_id) / "dicom" / f"beam_{beam}"
+        files = sorted(folder.glob("*.dcm"))
+        if not files:
+            raise StageFailed("verify", f"no RT Dose in {folder}", beam=beam)
+        for path in files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if ds.get("Modality") != "RTDOSE":
+                raise StageFailed("verify", f"{path.name} is not an RT Dose "
+                                            f"(Modality {ds.get('Modality')})", beam=beam)
+        out[str(beam)] = {p.relative_to(results_dir(cfg, case_id)).as_posix(): sha256_file(p)
+                          for p in files}
+    return out
+
+
+@task(name="report")
+def report_stage(info: CaseInfo, workflow: str, sims: dict[int, SimulationOutcome],
+                 files: dict[str, dict[str, str]], started: float) -> str:
+    """Write report.md into the results folder and the same text as an artifact."""
+    cfg = get_config()
+    text = render_report(cfg, info, workflow, sims, files, time.time() - started)
+    target = results_dir(cfg, info.case_id) / "report.md"
+    target.write_text(text)
+    create_markdown_artifact(markdown=text, key=report_artifact_key(info.case_id),
+                             description=f"MQI report for case {info.case_id}")
+    return str(target)

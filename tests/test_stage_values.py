@@ -1,0 +1,132 @@
+"""Template values come from one place, and every placeholder `mqi config check`
+accepts for a step is one the pipeline supplies for that step."""
+
+from __future__ import annotations
+
+import pickle
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import DEFAULT_PATH, load_config
+from config.models import (
+    BEAM_STEPS,
+    CASE_PLACEHOLDERS,
+    GPU_STEP,
+    MOQUI_PLACEHOLDERS,
+    STEP_PLACEHOLDERS,
+    step_placeholders,
+)
+from flows.case_inspection import Beam
+from flows.commands import render_step_command
+from flows.layout import RemoteLayout
+from flows.moqui_input import render_simulation
+from flows.outcomes import CaseFailed, SimulationOutcome, StageFailed
+
+BEAM = Beam(number=3, name="Field 2", machine="G2", gantry_num=2, control_points=60,
+            delivery_dir="2024010112000001", layers=30)
+LAYOUT = RemoteLayout("/work/mqi", "case-7")
+
+
+def values_for(step: str) -> dict[str, object]:
+    beam = BEAM if step in BEAM_STEPS else None
+    return LAYOUT.step_values(step, beam, 1 if step == GPU_STEP else None)
+
+
+@pytest.mark.parametrize("step", [*STEP_PLACEHOLDERS, "a_custom_step"])
+def test_each_step_is_offered_exactly_the_placeholders_the_validator_accepts(step):
+    assert set(values_for(step)) == STEP_PLACEHOLDERS.get(step, CASE_PLACEHOLDERS)
+
+
+def config_using_every_placeholder(tmp_path: Path) -> Path:
+    """The default config with each step's template using every placeholder it may."""
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    tools = data["tools"]
+    for step in STEP_PLACEHOLDERS:
+        names = sorted(step_placeholders(step, tools) - set(tools))
+        data["remote_commands"][step] = "echo " + " ".join(f"{{{n}}}" for n in names)
+    path = tmp_path / "every-placeholder.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_accepted_placeholder_renders_for_its_step(tmp_path):
+    cfg = load_config(config_using_every_placeholder(tmp_path))  # the validator accepts it
+    for step in STEP_PLACEHOLDERS:
+        words = shlex.split(render_step_command(cfg, step, values_for(step)))
+        assert words[0] == "echo" and len(words) == len(STEP_PLACEHOLDERS[step]) + 1, step
+
+
+def test_beam_dir_reaches_the_simulation_command(tmp_path):
+    """A config that `mqi config check` accepts with {beam_dir} in run_moqui_sim used to
+    fail with a TemplateError only after upload and the interpreter had run."""
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data["remote_commands"][GPU_STEP] = "{moqui} {input_file} --logs {beam_dir}"
+    path = tmp_path / "beam-dir.yaml"
+    path.write_text(yaml.safe_dump(data))
+    sim = render_simulation(load_config(path), LAYOUT, BEAM, 1)
+    assert shlex.split(sim.command)[-1] == "/work/mqi/case-7/case/2024010112000001"
+
+
+def test_moqui_values_with_the_moqui_section_fill_every_moqui_placeholder():
+    assert set(LAYOUT.moqui_values(BEAM, 0)) | {"output_format", "random_seed"} \
+        == MOQUI_PLACEHOLDERS
+
+
+def test_the_simulation_recipe_leaves_the_gpu_open_and_nothing_else():
+    cfg = load_config(DEFAULT_PATH)
+    on_0, on_1 = (render_simulation(cfg, LAYOUT, BEAM, g) for g in (0, 1))
+    probe = render_simulation(cfg, LAYOUT, BEAM, "{gpu}")
+    assert on_0.recipe != on_1.recipe
+    assert on_0.recipe.replace("GPUID 0", "GPUID {gpu}") == probe.recipe
+    other = render_simulation(cfg, LAYOUT, BEAM.model_copy(update={"number": 4}), "{gpu}")
+    assert other.recipe != probe.recipe
+
+
+def test_a_beam_step_without_a_beam_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="beam_number"):
+        LAYOUT.step_values("convert_to_dicom")
+
+
+def test_stage_failed_carries_its_fields_across_pickling():
+    exc = StageFailed("run_moqui_sim", "exit code 75: busy", beam=2, exit_code=75,
+                      log_path="/r/logs/run_moqui_sim-beam2.log", detail="tail line")
+    back = pickle.loads(pickle.dumps(exc))
+    assert (back.step, back.beam, back.exit_code, back.log_path, back.detail) == \
+        ("run_moqui_sim", 2, 75, "/r/logs/run_moqui_sim-beam2.log", "tail line")
+    assert back.summary == "run_moqui_sim [beam 2] failed: exit code 75: busy; full log: " \
+                           "/r/logs/run_moqui_sim-beam2.log"
+    assert str(back) == back.summary + "\ntail line"
+    failed = pickle.loads(pickle.dumps(CaseFailed("c1", [back.summary])))
+    assert failed.failures == [back.summary] and str(failed).startswith("case c1: ")
+
+
+def test_outcomes_are_plain_pickleable_values():
+    sim = SimulationOutcome(beam=2, gpu=1, seconds=3.5, waited=0.1)
+    assert pickle.loads(pickle.dumps(sim)) == sim
+
+
+def test_stage_identity_is_the_task_name_the_inputs_and_the_recipe():
+    from types import SimpleNamespace
+
+    from flows.caching import StageIdentity
+
+    def key(policy, task_name, **inputs):
+        ctx = SimpleNamespace(task=SimpleNamespace(name=task_name))
+        return policy.compute_key(ctx, inputs, {})
+
+    plain = StageIdentity()
+    assert key(plain, "upload", case_id="c1", digest="d") == \
+        key(plain, "upload", case_id="c1", digest="d")
+    assert key(plain, "upload", case_id="c1", digest="d") != \
+        key(plain, "download", case_id="c1", digest="d")
+    assert key(plain, "upload", case_id="c1", digest="d") != \
+        key(plain, "upload", case_id="c1", digest="e")
+    local = StageIdentity(exclude=("case_dir",))
+    assert key(local, "upload", case_dir="/a", digest="d") == \
+        key(local, "upload", case_dir="/b", digest="d")
+    recipes = iter(["one", "two"])
+    with_recipe = StageIdentity(recipe=lambda inputs: next(recipes))
+    assert key(with_recipe, "simulate", beam=2) != key(with_recipe, "simulate", beam=2)
