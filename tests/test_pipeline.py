@@ -95,7 +95,7 @@ def test_three_beam_case_completes_on_two_gpus_with_overlap(fresh: Installation)
         assert ds.Modality == "RTDOSE" and "SIMULATED" in ds.SeriesDescription
     report = (fresh.results / "e2e-three" / "report.md").read_text()
     assert "SIMULATED" in report and "| 3 | F2 | G1 | 1 |" in report
-    assert set(result["gpus"].values()) <= {0, 1}
+    assert set(result.gpus.values()) <= {0, 1}
 
     # the simulators' own record: beams overlapped in time, never two on one GPU
     intervals = fresh.sim_intervals()
@@ -230,7 +230,7 @@ def test_a_gpu_locked_on_the_host_is_never_shared(fresh: Installation, sshd):
         case = write_case(fresh.scan_root, "e2e-locked", beams=2, layers=2, seed=8)
         state = run_case(case)
         assert state.is_completed(), state.message
-        assert set(state.result()["gpus"].values()) == {1}
+        assert set(state.result().gpus.values()) == {1}
         assert set(fresh.sim_intervals()) == {1}
     finally:
         holder.kill()
