@@ -1,9 +1,8 @@
-"""GPU discovery parses the real nvidia-smi output captured on an H100 (shared/fixtures)."""
+"""GPU discovery parses the real nvidia-smi output captured on an H100 (tests/fixtures)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,14 @@ import pytest
 from blocks.gpu_pool import GpuPool, GpuQueryError, parse_compute_apps, parse_gpu_query
 
 REPO = Path(__file__).resolve().parents[1]
-# The captures live in the shared folder beside the repository (CI lays it there too).
-FIXTURES = Path(os.environ.get("MQI_SHARED_DIR", REPO.parent / "shared")) / "fixtures" / \
-    "nvidia-h100"
+# Real nvidia-smi and NVML output captured on an NVIDIA H100 (see its README.md).
+FIXTURES = REPO / "tests" / "fixtures" / "nvidia-h100"
 SIM = REPO / "demo" / "simulators" / "nvidia_smi.py"
 
 
 def fixture(name: str) -> str:
     path = FIXTURES / name
-    assert path.exists(), f"fixture missing: {path} (shared/ must lie beside the repository)"
+    assert path.exists(), f"fixture missing: {path}"
     return path.read_text()
 
 
