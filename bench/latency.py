@@ -33,6 +33,7 @@ import httpx
 import yaml
 
 from bench.start_modes import add_baseline_flag, each_start_mode
+from flows.naming import run_name
 
 
 def _states(api: str, run_id: str) -> dict[str, float]:
@@ -71,7 +72,7 @@ def measure(work: Path, sshd: object, *, warm: bool, cases: int, stability: floa
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 runs = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
-                    "flow_runs": {"name": {"any_": [f"case-{case_id}"]}}}).json()
+                    "flow_runs": {"name": {"any_": [run_name(case_id)]}}}).json()
                 if runs and runs[0]["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"):
                     run = runs[0]
                     break

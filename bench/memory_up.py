@@ -27,6 +27,7 @@ import httpx
 import yaml
 
 from bench.start_modes import add_baseline_flag, each_start_mode
+from flows.naming import run_name
 
 FORKSERVER = "multiprocessing.forkserver"
 
@@ -104,7 +105,7 @@ def measure(work: Path, sshd: object, *, warm: bool, cases: int, sim_seconds: fl
                 peak = {"rss": sum(rss.values()), "pss": sum(pss.values()), "parts": rss,
                         "pss_parts": pss, "names": names}
             runs = httpx.post(f"{inst.api_url}/flow_runs/filter", timeout=10, json={
-                "flow_runs": {"name": {"any_": [f"case-{c}" for c in ids]}}}).json()
+                "flow_runs": {"name": {"any_": [run_name(c) for c in ids]}}}).json()
             if len(runs) == len(ids) and all(r["state"]["type"] in ("COMPLETED", "FAILED")
                                              for r in runs):
                 break

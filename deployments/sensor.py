@@ -22,11 +22,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from config import MqiConfig
@@ -37,10 +40,15 @@ from flows.case_inspection import (
     inspect_case,
 )
 from flows.commands import CaseIdError, validate_case_id
+from flows.naming import DEPLOYMENT, case_tag, run_name
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from prefect.client.orchestration import SyncPrefectClient
 
 log = logging.getLogger("mqi.sensor")
 
-DEPLOYMENT = "process_case/process-case"
 StartCase = Callable[[str, str, str], str]
 """start(case_dir, case_id, idempotency_key) -> flow run id"""
 
@@ -64,31 +72,37 @@ class PrefectStarter:
 
     def __init__(self, deployment: str = DEPLOYMENT) -> None:
         self.deployment = deployment
-        self._client = None
-        self._deployment_id = None
+        # The client stays open from the first case to close(); the stack holds it
+        # the way prefect-shell's ShellOperation holds what it opens.
+        self._exit_stack = ExitStack()
+        self._client: SyncPrefectClient | None = None
+        self._deployment_id: UUID | None = None
 
     def warm_up(self) -> None:
         """Open the client and find the deployment now, not when the first case is ready."""
+        self._ready()
+
+    def _ready(self) -> tuple[SyncPrefectClient, UUID]:
         from prefect.client.orchestration import get_client
 
         if self._client is None:
-            self._client = get_client(sync_client=True)
-            self._client.__enter__()
-            _ask_again_soon(self._client)
+            client = self._exit_stack.enter_context(get_client(sync_client=True))
+            _ask_again_soon(client)
+            self._client = client
         if self._deployment_id is None:
             self._deployment_id = self._client.read_deployment_by_name(self.deployment).id
+        return self._client, self._deployment_id
 
     def __call__(self, case_dir: str, case_id: str, key: str) -> str:
-        self.warm_up()
-        run = self._client.create_flow_run_from_deployment(
-            self._deployment_id, parameters={"case_dir": case_dir}, idempotency_key=key,
-            name=f"case-{case_id}", tags=[f"case:{case_id}"])
+        client, deployment_id = self._ready()
+        run = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"case_dir": case_dir}, idempotency_key=key,
+            name=run_name(case_id), tags=[case_tag(case_id)])
         return str(run.id)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.__exit__(None, None, None)
-            self._client = None
+        self._client = None
+        self._exit_stack.close()
 
 
 def _ask_again_soon(client: object) -> None:
@@ -142,7 +156,7 @@ class CaseSensor:
         self.candidates: dict[str, Candidate] = {}
         self.started: dict[str, tuple[tuple[int, int, int], str]] = {}  # name -> (sig, key)
         self._lock = threading.Lock()
-        self._observer: Observer | PollingObserver | None = None
+        self._observer: BaseObserver | None = None
         self._last_rescan = 0.0
         self._root_problem: str | None = None
         self._warm = self._warm_failed = False
@@ -273,14 +287,14 @@ class CaseSensor:
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Start watching (catch-up scan included). A missing root is waited for."""
-        observer_cls = PollingObserver if self.cfg.scanner.observer == "polling" else Observer
         while self._observer is None:
             if not self.root.is_dir() or not os.access(self.root, os.R_OK | os.X_OK):
                 self._say_root_problem(f"the scan root {self.root} does not exist or is not "
                                        f"readable")
                 return
-            observer = observer_cls(timeout=self.cfg.scanner.polling_interval_seconds) \
-                if observer_cls is PollingObserver else observer_cls()
+            observer: BaseObserver = \
+                PollingObserver(timeout=self.cfg.scanner.polling_interval_seconds) \
+                if self.cfg.scanner.observer == "polling" else Observer()
             observer.schedule(_Events(self), str(self.root), recursive=True)
             try:
                 observer.start()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.supervisor import announce_ready
+from flows.naming import DEPLOYMENT_NAME, SYSTEM_TAG
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Served:
 
 DEPLOYMENTS: list[Served] = [
     Served("flows.process_case", "process_case", {
-        "name": "process-case", "tags": ["mqi"],
+        "name": DEPLOYMENT_NAME, "tags": [SYSTEM_TAG],
         "description": "One case folder end to end (started by the sensor or `mqi run`)."}),
 ]
 

@@ -64,8 +64,9 @@ def enable(preload: tuple[str, ...] = PRELOAD) -> bool:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(preload))
     # The only use of multiprocessing in prefect.flow_engine is the start
-    # context of run_flow_in_subprocess; hand it the forkserver one.
-    engine.multiprocessing = SimpleNamespace(
+    # context of run_flow_in_subprocess; hand it the forkserver one (a stand-in
+    # for the module, hence the ignore).
+    engine.multiprocessing = SimpleNamespace(  # type: ignore[assignment]
         get_context=lambda method=None: context, context=multiprocessing.context)
     # Start the forkserver (and its imports) now, not when the first case arrives.
     multiprocessing.forkserver.ensure_running()

@@ -21,6 +21,7 @@ from config import DEFAULT_PATH
 from config.loader import parse_config
 from demo.synthetic_case import write_case
 from deployments.sensor import CaseSensor
+from flows.naming import run_name
 from tests.support.pipeline import REPO, wait_for
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def runs_of(case_id: str) -> list:
 
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"case-{case_id}"])))
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name(case_id)])))
 
 
 class Running:

@@ -20,6 +20,7 @@ import yaml
 from blocks import procfs
 from demo.synthetic_case import write_case
 from deployments.supervisor import descendants
+from flows.naming import run_name
 from tests.support.pipeline import REPO, Installation, wait_for, write_installation
 
 pytestmark = pytest.mark.integration
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 def flow_runs(api: str, case_id: str) -> list[dict]:
     response = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
-        "flow_runs": {"name": {"any_": [f"case-{case_id}"]}}, "limit": 50})
+        "flow_runs": {"name": {"any_": [run_name(case_id)]}}, "limit": 50})
     response.raise_for_status()
     return response.json()
 
