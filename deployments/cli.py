@@ -1,4 +1,4 @@
-"""The ``mqi`` command line.
+"""The ``mqi`` command line: parsing, and one thin function per command.
 
     mqi config check [PATH]        validate a configuration; print it resolved, secrets masked
     mqi up [--config PATH]         start the system on this machine and print the UI address
@@ -7,29 +7,29 @@
     mqi status [--failed] [--json]    one line per case, from the Prefect API
     mqi rerun CASE_ID | --all-failed  run failed cases again; finished stages are not repeated
 
-Exit status 0 means success; a configuration problem exits 2 with the file and
-key path on stderr, never a traceback.
+Exit status 0 means success. Every expected failure is an ``MqiError``: its
+message goes to stderr as ``mqi: <message>`` and its ``exit_status`` is the exit
+status (2 for a configuration problem, which names the file and key path), never
+a traceback. Which configuration file a command uses is said once, on stderr.
+
+Nothing here imports Prefect at module level: Prefect reads its settings at
+import, and the commands set the API address first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from config import DEMO_PATH, ConfigError, MqiConfig, config_path, load_config
+from config import DEFAULT_PATH, DEMO_PATH, ENV_VAR, MqiConfig, MqiError, load_config
 from deployments import server
-
-EXIT_CONFIG = 2
-EXIT_RUNTIME = 1
 
 
 def masked_config(cfg: MqiConfig) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def masked_config(cfg: MqiConfig) -> dict[str, Any]:
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
-            out = {}
+            out: dict[str, Any] = {}
             for key, value in node.items():
                 if isinstance(key, str) and key.endswith("_env") and value:
                     state = "set" if os.environ.get(value) else "not set"
@@ -60,199 +60,61 @@ def masked_config(cfg: MqiConfig) -> dict[str, Any]:
     return walk(data)
 
 
+def config_file(given: str | None, *, flag: str = "--config",
+                default: Path | None = None) -> Path:
+    """The configuration file a command uses, said once on stderr with where it came from.
+
+    ``given`` (named ``flag`` in the message) wins; then the command's own
+    ``default`` (``mqi demo``'s profile); then ``$MQI_CONFIG_PATH``; then the
+    bundled config.default.yaml.
+    """
+    if given is not None:
+        path, source = Path(given), flag
+    elif default is None and os.environ.get(ENV_VAR):
+        path, source = Path(os.environ[ENV_VAR]), f"from {ENV_VAR}"
+    else:
+        path, source = default or DEFAULT_PATH, "default"
+    path = path.resolve()
+    print(f"mqi: config {path} ({source})", file=sys.stderr, flush=True)
+    return path
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
-    path = config_path(args.path)
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
-    print(f"# {path.resolve()}: valid")
+    path = config_file(args.path, flag="argument")
+    cfg = load_config(path)
+    print(f"# {path}: valid")
     print(yaml.safe_dump(masked_config(cfg), sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
-    config_file = config_path(args.config).resolve()
-    return _run_system(cfg, config_file, on_up=None)
+    from deployments.up import run_system
 
-
-def _run_system(cfg: MqiConfig, config_file: Path, on_up: Any) -> int:
-    """Bring everything up, call ``on_up(stop_requested)`` once it is, supervise until a
-    signal (or ``on_up`` returning True), then stop everything."""
-    from deployments.supervisor import ChildFailed
-    from deployments.up import AlreadyRunning, bring_up, take_instance_lock
-
-    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
-    try:
-        lock = take_instance_lock(cfg)
-    except AlreadyRunning as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    api = cfg.prefect.effective_api_url
-    if cfg.prefect.api_url is not None and not server.is_healthy(api):
-        print(f"error: the Prefect API at {api} (prefect.api_url) is not reachable",
-              file=sys.stderr)
-        return EXIT_RUNTIME
-    if cfg.prefect.api_url is None and server.is_healthy(api):
-        print(f"error: a Prefect server already answers at {api}; stop it first, or set "
-              f"prefect.api_url to use it", file=sys.stderr)
-        return EXIT_RUNTIME
-    received: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: received.append(signum))
-    print(f"starting MQI Communicator (config {config_file}, data {cfg.paths.data_dir}) ...",
-          flush=True)
-    try:
-        supervisor = bring_up(cfg, config_file)
-    except (ChildFailed, server.ServerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    print(f"MQI Communicator is up. Dashboard: {server.ui_url(cfg)}", flush=True)
-    print(f"watching {cfg.scanner.target_directory} for cases; Ctrl+C stops everything",
-          flush=True)
-    reason = None
-    try:
-        finished = on_up(lambda: bool(received)) if on_up else False
-        if not finished:
-            reason = supervisor.watch(lambda: bool(received))
-    finally:
-        supervisor.stop_all()
-        lock.close()
-    if reason:
-        print(f"error: {reason}", file=sys.stderr)
-        return EXIT_RUNTIME
-    print("stopped.")
+    path = config_file(args.config)
+    run_system(load_config(path), path)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    path = args.config or str(DEMO_PATH)
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
-    config_file = Path(path).resolve()
-    scan_root = Path(cfg.scanner.target_directory)
-    outcome: dict[str, bool] = {}
+    from deployments.demo import run_demo
 
-    def drop_case_and_wait(stopping: Any) -> bool:
-        from demo.synthetic_case import write_case
-        from deployments.status import case_statuses
-
-        scan_root.mkdir(parents=True, exist_ok=True)
-        case_id = time.strftime("DEMO-%Y%m%d-%H%M%S")
-        staging = scan_root.parent / ".demo-staging"
-        case = write_case(staging, case_id, beams=3, layers=4)
-        os.replace(case, scan_root / case_id)  # appears complete, in one step
-        (scan_root / case_id / cfg.scanner.ready_marker).write_text("")
-        print(f"dropped a synthetic 3-beam case (SIMULATED): {scan_root / case_id}", flush=True)
-        deadline = time.monotonic() + args.timeout
-        row = None
-        while time.monotonic() < deadline and not stopping():
-            rows = [r for r in case_statuses() if r.case_id == case_id]
-            row = rows[0] if rows else None
-            if row and row.status in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            time.sleep(1)
-        if row is None or row.status != "COMPLETED":
-            print(f"demo case {case_id}: {row.status if row else 'never started'} "
-                  f"{(row.reason or '') if row else ''}", file=sys.stderr)
-            outcome["ok"] = False
-            return args.once
-        results = Path(cfg.paths.results_root) / case_id
-        print(f"demo case {case_id}: COMPLETED in {row.duration_s} s (SIMULATED)")
-        for dose in sorted(results.glob("dicom/*/*.dcm")):
-            print(f"  RT Dose: {dose}")
-        print(f"  report:  {results / 'report.md'}")
-        print(f"Dashboard: {server.ui_url(cfg)}", flush=True)
-        outcome["ok"] = True
-        return args.once
-
-    code = _run_system(cfg, config_file, on_up=drop_case_and_wait)
-    if code == 0 and args.once and not outcome.get("ok"):
-        return EXIT_RUNTIME
-    return code
-
-
-def _load_for_work(path: str | None) -> MqiConfig:
-    """Load the config and point this process (and the flows in it) at it and its API.
-
-    Must run before Prefect is imported: Prefect reads its settings at import.
-    """
-    resolved = config_path(path).resolve()
-    cfg = load_config(resolved)
-    os.environ["MQI_CONFIG_PATH"] = str(resolved)
-    api = cfg.prefect.effective_api_url
-    if cfg.prefect.api_url is not None or server.is_healthy(api):
-        if not server.is_healthy(api):
-            raise server.ServerError(f"the Prefect API at {api} (prefect.api_url) is not "
-                                     f"reachable")
-        os.environ.update(server.client_env(cfg))
-    else:
-        # No server running: Prefect's in-process server on the same database, so
-        # what this run records is there when `mqi up` starts.
-        env = server.server_env(cfg)
-        env.pop("PREFECT_API_URL")
-        env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "true"
-        os.environ.pop("PREFECT_API_URL", None)
-        os.environ.update(env)
-        server.prefect_home(cfg).mkdir(parents=True, exist_ok=True)
-        print(f"note: no Prefect server at {api}; using an in-process one on "
-              f"{server.prefect_home(cfg)}", file=sys.stderr)
-    return cfg
-
-
-def _prepare_work(path: str | None) -> int | None:
-    """``_load_for_work`` for a command: None when ready, else the exit status (said why)."""
-    try:
-        _load_for_work(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
-    except server.ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    return None
-
-
-def _process(case_dir: str, workflow: str) -> bool:
-    """Run process_case in this process; print the outcome; True when COMPLETED."""
-    from flows.process_case import process_case
-
-    state = process_case(case_dir=case_dir, workflow=workflow, return_state=True)
-    name = Path(case_dir).name
-    if state.is_completed():
-        result = state.result()
-        print(f"case {name}: COMPLETED — results in {result['results']} "
-              f"(report: {result['report']})")
-        return True
-    print(f"case {name}: {state.type.value}: {state.message or ''}".rstrip(), file=sys.stderr)
-    return False
+    path = config_file(args.config, default=DEMO_PATH)
+    run_demo(load_config(path), path, once=args.once, timeout=args.timeout)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    failed = _prepare_work(args.config)
-    if failed is not None:
-        return failed
-    case_dir = Path(args.case_dir)
-    if not case_dir.is_dir():
-        print(f"error: not a case folder: {case_dir}", file=sys.stderr)
-        return EXIT_RUNTIME
-    return 0 if _process(str(case_dir.absolute()), args.workflow) else EXIT_RUNTIME
+    from deployments.foreground import run_case, use_config
+
+    use_config(config_file(args.config))
+    run_case(Path(args.case_dir), args.workflow)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    failed = _prepare_work(args.config)
-    if failed is not None:
-        return failed
+    from deployments.foreground import use_config
+
+    use_config(config_file(args.config))
     from deployments.status import case_statuses, format_table
 
     rows = case_statuses(only_failed=args.failed)
@@ -264,97 +126,92 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    if not args.case_id and not args.all_failed:
-        print("error: name a CASE_ID or give --all-failed", file=sys.stderr)
-        return EXIT_CONFIG
-    failed = _prepare_work(args.config)
-    if failed is not None:
-        return failed
-    from deployments.status import case_statuses
+    from deployments.foreground import chosen_for_rerun, rerun, use_config
 
-    rows = case_statuses()
-    if args.all_failed:
-        chosen = [r for r in rows if r.status in ("FAILED", "CRASHED", "CANCELLED")]
-        if not chosen:
-            print("no failed cases")
-            return 0
-    else:
-        chosen = [r for r in rows if r.case_id == args.case_id]
-        if not chosen:
-            print(f"error: no run of case {args.case_id!r} is known", file=sys.stderr)
-            return EXIT_RUNTIME
-        if chosen[0].status == "COMPLETED" and not args.force:
-            print(f"case {args.case_id} is already COMPLETED (use --force to run it again)")
-            return 0
-        if chosen[0].status == "QUEUED" or chosen[0].status.startswith("RUNNING"):
-            print(f"error: case {args.case_id} is {chosen[0].status}; not starting a second "
-                  f"run", file=sys.stderr)
-            return EXIT_RUNTIME
-    ok = True
-    for row in chosen:
-        if not row.case_dir or not Path(row.case_dir).is_dir():
-            print(f"error: case {row.case_id}: its folder {row.case_dir} is gone",
-                  file=sys.stderr)
-            ok = False
-            continue
-        print(f"rerunning case {row.case_id} (was {row.status}); finished stages are reused")
-        ok = _process(row.case_dir, args.workflow) and ok
-    return 0 if ok else EXIT_RUNTIME
+    use_config(config_file(args.config))
+    rerun(chosen_for_rerun(None if args.all_failed else args.case_id, force=args.force),
+          args.workflow)
+    return 0
+
+
+def _config_option(default: str) -> argparse.ArgumentParser:
+    """A parent parser: the ``--config`` option every command that loads one shares."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", metavar="PATH",
+                        help=f"configuration file (default: {default})")
+    return parent
+
+
+def _workflow_option() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--workflow", default="default_qa", metavar="NAME",
+                        help="the workflow (a key of `workflows` in the config; default: "
+                             "%(default)s)")
+    return parent
+
+
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+             func: Callable[[argparse.Namespace], int], text: str,
+             *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A subcommand: ``text`` is its line in ``mqi --help`` and the top of its own help."""
+    parser = sub.add_parser(name, parents=list(parents), help=text, description=text)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqi", description="MQI Communicator: automated treatment verification with MOQUI.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of:")
+    config = _config_option(f"${ENV_VAR}, else the bundled config.default.yaml")
+    workflow = _workflow_option()
 
-    config_p = sub.add_parser("config", help="work with the configuration file")
-    config_sub = config_p.add_subparsers(dest="config_command", required=True)
-    check = config_sub.add_parser(
-        "check", help="validate a configuration and print it resolved, with secrets masked")
-    check.add_argument("path", nargs="?", help="the file (default: $MQI_CONFIG_PATH or the "
-                                                "bundled config.default.yaml)")
-    check.set_defaults(func=cmd_config_check)
+    config_sub = sub.add_parser("config", help="work with the configuration file") \
+        .add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND",
+                        help="one of:")
+    check = _command(config_sub, "check", cmd_config_check,
+                     "validate a configuration and print it resolved, with secrets masked")
+    check.add_argument("path", nargs="?", help=f"the file (default: ${ENV_VAR}, else the "
+                                               f"bundled config.default.yaml)")
 
-    up = sub.add_parser("up", help="start the system on this machine")
-    up.add_argument("--config", help="configuration file (default: $MQI_CONFIG_PATH)")
-    up.set_defaults(func=cmd_up)
+    _command(sub, "up", cmd_up, "start the system on this machine: server, serve and sensor, "
+             "supervised until Ctrl+C", config)
 
-    demo = sub.add_parser("demo", help="start the system on the demo profile, process one "
-                                       "synthetic case, and keep running")
+    demo = _command(sub, "demo", cmd_demo, "start the system on the demo profile, process one "
+                    "synthetic case, and keep running",
+                    _config_option("the bundled demo profile"))
     demo.add_argument("--once", action="store_true",
                       help="stop after the demo case; exit 0 only if it COMPLETED")
-    demo.add_argument("--timeout", type=float, default=600,
-                      help="seconds to wait for the demo case")
-    demo.add_argument("--config", help="configuration file (default: the demo profile)")
-    demo.set_defaults(func=cmd_demo)
+    demo.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
+                      help="seconds to wait for the demo case (default: %(default)g)")
 
-    run = sub.add_parser("run", help="process one case in the foreground; exit 0 only when it "
-                                     "COMPLETED")
+    run = _command(sub, "run", cmd_run, "process one case in the foreground; exit 0 only when "
+                   "it COMPLETED", config, workflow)
     run.add_argument("case_dir", help="the case folder (its name is the case id)")
-    run.add_argument("--workflow", default="default_qa")
-    run.add_argument("--config", help="configuration file (default: $MQI_CONFIG_PATH)")
-    run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="one line per case from the Prefect API")
+    status = _command(sub, "status", cmd_status, "one line per case from the Prefect API",
+                      config)
     status.add_argument("--failed", action="store_true", help="only failed cases")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--config", help="configuration file (default: $MQI_CONFIG_PATH)")
-    status.set_defaults(func=cmd_status)
 
-    rerun = sub.add_parser("rerun", help="run a failed case again; stages that completed for "
-                                         "the same inputs are not repeated")
-    rerun.add_argument("case_id", nargs="?")
-    rerun.add_argument("--all-failed", action="store_true")
+    rerun = _command(sub, "rerun", cmd_rerun, "run a failed case again; stages that completed "
+                     "for the same inputs are not repeated", config, workflow)
+    which = rerun.add_mutually_exclusive_group(required=True)
+    which.add_argument("case_id", nargs="?", help="the case to run again")
+    which.add_argument("--all-failed", action="store_true",
+                       help="every case whose newest run FAILED, CRASHED or was CANCELLED")
     rerun.add_argument("--force", action="store_true", help="also rerun a COMPLETED case")
-    rerun.add_argument("--workflow", default="default_qa")
-    rerun.add_argument("--config", help="configuration file (default: $MQI_CONFIG_PATH)")
-    rerun.set_defaults(func=cmd_rerun)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return int(args.func(args))
+    except MqiError as exc:
+        print(f"mqi: {exc}", file=sys.stderr)
+        return exc.exit_status
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 
-from config import MqiConfig
+from config import MqiConfig, MqiError
 from deployments.supervisor import die_with_parent
 
 # Held GPU slots must survive a server restart; the in-memory lease store would
@@ -26,7 +26,7 @@ LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 SERVER_KEEPALIVE_SECONDS = 65  # > the 25 s Prefect's clients keep idle connections
 
 
-class ServerError(RuntimeError):
+class ServerError(MqiError):
     """The Prefect server could not be started or reached."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blocks import procfs
+from config import MqiError
 from config.models import RestartPolicy
 
 log = logging.getLogger("mqi.up")
@@ -89,7 +90,7 @@ class Child:
         return self.proc.pid if self.proc else None
 
 
-class ChildFailed(RuntimeError):
+class ChildFailed(MqiError):
     """A child would not start, or died more often than the restart policy allows."""
 
 

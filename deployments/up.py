@@ -1,7 +1,8 @@
 """Bringing the whole system up on one machine: server, serve, sensor, supervised.
 
 Used by `mqi up` and `mqi demo`. One instance per data dir: a second one is
-refused while the first holds ``<data_dir>/mqi-up.lock``.
+refused while the first holds ``<data_dir>/mqi-up.lock``. ``run_system`` is
+the whole life of it: up, supervised until a signal, stopped.
 """
 
 from __future__ import annotations
@@ -11,18 +12,23 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+from uuid import UUID
 
 from blocks import procfs
-from config import MqiConfig
+from config import MqiConfig, MqiError
 from deployments import server
-from deployments.supervisor import Child, Supervisor
+from deployments.supervisor import Child, ChildFailed, Supervisor
 
 log = logging.getLogger("mqi.up")
 
+OnUp = Callable[[Callable[[], bool]], bool]
+"""``on_up(stop_requested) -> finished``: work to do once the system is up."""
 
-class AlreadyRunning(RuntimeError):
+
+class AlreadyRunning(MqiError):
     """Another `mqi up` holds this data dir."""
 
 
@@ -133,7 +139,7 @@ def resume_interrupted(cfg: MqiConfig) -> list[str]:
     from prefect.client.schemas.objects import StateType
     from prefect.states import Scheduled
 
-    from deployments.status import FLOW_NAME
+    from flows.naming import FLOW_NAME
     from flows.process_case import kill_remote_processes
 
     resumed = []
@@ -175,7 +181,7 @@ def release_orphaned_gpu_slots(cfg: MqiConfig) -> int:
     if not store.storage_path.is_dir():
         return 0
 
-    async def orphans(limit_id: object) -> list[object]:
+    async def orphans(limit_id: UUID) -> list[UUID]:
         found = []
         for lease_id in await store.read_active_lease_ids(limit=1000):
             lease = await store.read_lease(lease_id)
@@ -262,3 +268,54 @@ def bring_up(cfg: MqiConfig, config_file: Path) -> Supervisor:
         supervisor.stop_all()
         raise
     return supervisor
+
+
+def check_api(cfg: MqiConfig) -> None:
+    """Refuse to start against a configured API that is down, or beside a stranger's server.
+
+    Raises:
+        ServerError: Saying which, and what to do.
+    """
+    api = cfg.prefect.effective_api_url
+    if cfg.prefect.api_url is not None and not server.is_healthy(api):
+        raise server.ServerError(f"the Prefect API at {api} (prefect.api_url) is not reachable")
+    if cfg.prefect.api_url is None and server.is_healthy(api):
+        raise server.ServerError(f"a Prefect server already answers at {api}; stop it first, "
+                                 f"or set prefect.api_url to use it")
+
+
+def run_system(cfg: MqiConfig, config_file: Path, on_up: OnUp | None = None) -> None:
+    """Bring everything up, call ``on_up(stop_requested)`` once it is, supervise until a
+    signal (or until ``on_up`` returns True), then stop everything.
+
+    Raises:
+        AlreadyRunning: Another `mqi up` holds the data dir.
+        ServerError: The Prefect API is down, taken, or would not start.
+        ChildFailed: A child would not start, or died more often than allowed.
+    """
+    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
+    lock = take_instance_lock(cfg)
+    try:
+        check_api(cfg)
+        received: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: received.append(signum))
+        print(f"starting MQI Communicator (config {config_file}, data {cfg.paths.data_dir}) ...",
+              flush=True)
+        supervisor = bring_up(cfg, config_file)
+        print(f"MQI Communicator is up. Dashboard: {server.ui_url(cfg)}", flush=True)
+        print(f"watching {cfg.scanner.target_directory} for cases; Ctrl+C stops everything",
+              flush=True)
+        reason = None
+        try:
+            finished = on_up(lambda: bool(received)) if on_up else False
+            if not finished:
+                reason = supervisor.watch(lambda: bool(received))
+        finally:
+            supervisor.stop_all()
+    finally:
+        lock.close()
+    if reason:
+        raise ChildFailed(reason)
+    print("stopped.")

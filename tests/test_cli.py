@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from config import DEFAULT_PATH, DEMO_PATH
+from deployments.cli import build_parser
+from tests.support.sshd import free_port
 
 BASE = yaml.safe_load(DEFAULT_PATH.read_text())
 
@@ -33,6 +36,22 @@ def test_config_check_uses_the_env_var(tmp_path):
     path.write_text(yaml.safe_dump(BASE))
     result = mqi("config", "check", env={"MQI_CONFIG_PATH": str(path)})
     assert result.returncode == 0 and f"{path}: valid" in result.stdout
+    assert result.stderr == f"mqi: config {path} (from MQI_CONFIG_PATH)\n"
+
+
+def test_each_command_says_once_which_config_it_used(tmp_path):
+    env = {"MQI_CONFIG_PATH": ""}
+    said = mqi("config", "check", env=env).stderr
+    assert said == f"mqi: config {DEFAULT_PATH} (default)\n"
+    said = mqi("config", "check", str(DEMO_PATH), env=env).stderr
+    assert said == f"mqi: config {DEMO_PATH} (argument)\n"
+    # mqi demo has a default of its own; a broken file stops it before anything starts
+    path = tmp_path / "broken.yaml"
+    path.write_text("scanner: [\n")
+    result = mqi("demo", "--once", "--config", str(path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"mqi: config {path} (--config)\nmqi: ")
+    assert result.stderr.count("mqi: config ") == 1 and "Traceback" not in result.stderr
 
 
 def test_config_check_fails_clearly_without_traceback(tmp_path):
@@ -43,7 +62,7 @@ def test_config_check_fails_clearly_without_traceback(tmp_path):
     path.write_text(yaml.safe_dump(data))
     result = mqi("config", "check", str(path))
     assert result.returncode == 2
-    assert f"invalid configuration in {path}" in result.stderr
+    assert f"mqi: invalid configuration in {path}" in result.stderr
     assert "hosts.gpu.port" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
 
@@ -76,3 +95,39 @@ def test_the_cli_does_not_import_prefect_before_it_sets_the_api_address():
     # configured API and quietly start a server of its own.
     code = "import sys, deployments.cli; sys.exit('prefect' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_an_expected_failure_is_a_message_and_its_exit_status(tmp_path):
+    data = copy.deepcopy(BASE)
+    data["paths"]["data_dir"] = str(tmp_path / "data")
+    data["prefect"]["server_port"] = free_port()  # nothing answers: an in-process server
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = mqi("run", str(tmp_path / "no-such-case"), "--config", str(path))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == f"mqi: not a case folder: {tmp_path}/no-such-case"
+    assert "Traceback" not in result.stderr
+
+
+def test_rerun_needs_a_case_or_all_failed():
+    result = mqi("rerun")
+    assert result.returncode == 2 and "CASE_ID" in result.stderr.upper()
+    result = mqi("rerun", "some-case", "--all-failed")
+    assert result.returncode == 2 and "not allowed with" in result.stderr
+
+
+def _every_parser(parser):
+    yield parser
+    for action in parser._actions:
+        for sub in getattr(action, "choices", None) or {}:
+            if isinstance(action.choices[sub], type(parser)):
+                yield from _every_parser(action.choices[sub])
+
+
+@pytest.mark.parametrize("parser", list(_every_parser(build_parser())),
+                         ids=lambda p: p.prog)
+def test_every_argument_and_command_has_help(parser):
+    for action in parser._actions:
+        assert action.help, f"{parser.prog}: {action.dest} has no help"
+        for choice in getattr(action, "_choices_actions", []):
+            assert choice.help, f"{parser.prog} {choice.dest} has no help"
