@@ -23,6 +23,7 @@ _WHERE = {
     "TransferError": "blocks.errors",
     "CommandResult": "blocks.results",
     "TransferResult": "blocks.results",
+    "Host": "blocks.host",
     "LocalHost": "blocks.local_host",
     "RemoteHost": "blocks.remote_host",
     "GpuPool": "blocks.gpu_pool",

@@ -11,12 +11,13 @@ import os
 from pydantic import SecretStr
 
 from blocks.gpu_pool import GpuPool
+from blocks.host import Host
 from blocks.local_host import LocalHost
 from blocks.remote_host import RemoteHost
 from config import MqiConfig
 from config.models import HostSettings
 
-Host = RemoteHost | LocalHost
+__all__ = ["Host", "MissingSecretError", "gpu_host", "gpu_pool", "host_from_settings"]
 
 
 class MissingSecretError(RuntimeError):

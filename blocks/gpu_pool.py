@@ -27,10 +27,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl
+
+from blocks.host import Host
 
 log = logging.getLogger("mqi.gpu_pool")
 
@@ -59,10 +60,6 @@ class ComputeApp:
     pid: int
     gpu_uuid: str
     used_memory_mib: int | None
-
-
-class CommandHost(Protocol):
-    def run(self, command: str, **kwargs: Any) -> Any: ...
 
 
 def _number(text: str) -> int | None:
@@ -190,7 +187,7 @@ class GpuPool(Block):
         description="Longest an admitted simulation waits for a usable, unlocked GPU before "
                     "its stage fails (and is retried per its policy).")
 
-    def read(self, host: CommandHost) -> tuple[list[GpuInfo], list[ComputeApp]]:
+    def read(self, host: Host) -> tuple[list[GpuInfo], list[ComputeApp]]:
         """Read the host's GPUs and compute processes."""
         if self.source == "nvml":
             return read_nvml()
@@ -206,7 +203,7 @@ class GpuPool(Block):
                 and g.memory_free_mib >= self.min_free_memory_mib
                 and not (self.skip_gpus_with_foreign_processes and g.uuid in busy)]
 
-    def ensure_limit(self, host: CommandHost) -> list[GpuInfo]:
+    def ensure_limit(self, host: Host) -> list[GpuInfo]:
         """Create or resize the admission limit to the GPUs the host has now.
 
         Returns:
@@ -271,7 +268,7 @@ class GpuPool(Block):
         finally:
             admitted.set()  # also when taking the slot failed: the watcher stops either way
 
-    def locked_indices(self, host: CommandHost, indices: list[int]) -> set[int]:
+    def locked_indices(self, host: Host, indices: list[int]) -> set[int]:
         """Indices whose lock file on the host is held by a running simulation now."""
         if not indices:
             return set()
@@ -281,7 +278,7 @@ class GpuPool(Block):
         out = host.run(script, stream=False, timeout=60).stdout
         return {int(word) for word in out.split() if word.isdigit()}
 
-    def choose_index(self, host: CommandHost, logger: logging.Logger | logging.LoggerAdapter,
+    def choose_index(self, host: Host, logger: logging.Logger | logging.LoggerAdapter,
                      spread: int = 0) -> int:
         """A GPU index that is usable and unlocked now (waits, polling, until there is one).
 

@@ -16,14 +16,16 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Unpack
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl
 
 from blocks.errors import CommandError, CommandTimeoutError, TransferError
+from blocks.host import RunOptions, RunSpec
 from blocks.manifest import CHUNK, part_name, sha256_file, walk_local
 from blocks.results import CommandResult, TransferResult
-from blocks.streaming import LineCallback, OutputCollector, prefect_line_logger
+from blocks.streaming import OutputCollector
 from blocks.wrapping import ENV_NAME, group_alive
 
 
@@ -54,6 +56,7 @@ class LocalHost(Block):
 
     @property
     def address(self) -> str:
+        """``localhost``, for messages."""
         return "localhost"
 
     def close(self) -> None:
@@ -65,42 +68,32 @@ class LocalHost(Block):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(
-        self,
-        command: str,
-        *,
-        timeout: float | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        check: bool = True,
-        on_line: LineCallback | None = None,
-        stream: bool = True,
-        pid_file: str | None = None,
-    ) -> CommandResult:
+    def run(self, command: str, **options: Unpack[RunOptions]) -> CommandResult:
         """Run a shell command in its own session and process group.
 
-        Same arguments, result and errors as ``RemoteHost.run``.
+        Same options (see ``RunSpec``), result and errors as ``RemoteHost.run``.
         """
-        callback = (on_line or prefect_line_logger("localhost")) if stream else None
-        for name in env or {}:
+        spec = RunSpec(command, **options)
+        callback = spec.line_callback("localhost")
+        for name in spec.env or {}:
             if not ENV_NAME.match(name):
                 raise ValueError(f"invalid environment variable name: {name!r}")
-        full_env = {**os.environ, **(env or {})}
+        full_env = {**os.environ, **(spec.env or {})}
         if self.prefer_this_python:
             full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + \
                 full_env.get("PATH", "")
         started = time.monotonic()
         proc = subprocess.Popen(
-            [self.shell, "-c", command], cwd=cwd or self.working_dir, env=full_env,
+            [self.shell, "-c", command], cwd=spec.cwd or self.working_dir, env=full_env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        if pid_file:
-            with open(pid_file, "w", encoding="ascii") as fh:
+        if spec.pid_file:
+            with open(spec.pid_file, "w", encoding="ascii") as fh:
                 fh.write(f"{proc.pid}\n")
         out = OutputCollector("stdout", callback)
         err = OutputCollector("stderr", callback)
-        deadline = started + timeout if timeout else None
+        deadline = started + spec.timeout if spec.timeout else None
         try:
             finished = _pump(proc, out, err, deadline)
         except BaseException:
@@ -116,11 +109,11 @@ class LocalHost(Block):
             proc.wait()
             result = CommandResult(command, None, out.text(), err.text(), duration,
                                    self.address, timed_out=True)
-            raise CommandTimeoutError(result, timeout or 0)
+            raise CommandTimeoutError(result, spec.timeout or 0)
         # A command killed by a signal reports -N from Popen; shells say 128+N.
         code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         result = CommandResult(command, code, out.text(), err.text(), duration, self.address)
-        if check and not result.ok:
+        if spec.check and not result.ok:
             raise CommandError(result)
         return result
 

@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Unpack
 
 import paramiko
 from prefect.blocks.core import Block
@@ -35,6 +35,7 @@ from blocks.errors import (
     HostKeyError,
     TransferError,
 )
+from blocks.host import RunOptions, RunSpec
 from blocks.manifest import (
     CHUNK,
     PART_SUFFIX,
@@ -44,7 +45,7 @@ from blocks.manifest import (
     walk_local,
 )
 from blocks.results import CommandResult, TransferResult
-from blocks.streaming import LineCallback, OutputCollector, prefect_line_logger
+from blocks.streaming import OutputCollector
 from blocks.wrapping import PGID_MARKER, kill_group_script, wrap_command
 
 log = logging.getLogger("mqi.remote_host")
@@ -311,34 +312,18 @@ class RemoteHost(Block):
         self.close()
 
     # ---------------------------------------------------------------- commands
-    def run(
-        self,
-        command: str,
-        *,
-        timeout: float | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        check: bool = True,
-        on_line: LineCallback | None = None,
-        stream: bool = True,
-        pid_file: str | None = None,
-    ) -> CommandResult:
+    def run(self, command: str, **options: Unpack[RunOptions]) -> CommandResult:
         """Run a shell command on the host in its own process group.
 
         Output is read while the command runs (so no amount of it can block the
         command) and every line goes to ``on_line`` — by default the Prefect run
-        log — as soon as it is complete.
+        log — as soon as it is complete. On a timeout, an error while reading
+        or a cancellation, the command's whole process group is killed.
 
         Args:
             command: A shell command line (render templates with shlex.quote first).
-            timeout: Seconds before the command's whole process group is killed.
-            env: Extra environment variables for the command.
-            cwd: Directory to run in.
-            check: Raise CommandError on a non-zero exit.
-            on_line: Callback ``(stream, line)``; defaults to the Prefect run logger.
-            stream: False to collect output without calling any line callback.
-            pid_file: Path on the host where the process-group id is written, so the
-                group can be killed later by ``kill_pid_file`` from another process.
+            **options: ``timeout``, ``env``, ``cwd``, ``check``, ``on_line``,
+                ``stream``, ``pid_file``; see ``blocks.host.RunSpec``.
 
         Returns:
             The CommandResult.
@@ -348,8 +333,9 @@ class RemoteHost(Block):
             CommandError: Non-zero exit and ``check`` is true.
             HostError: The host could not be reached.
         """
-        callback = (on_line or prefect_line_logger(self.hostname)) if stream else None
-        wrapped = wrap_command(command, env=env, cwd=cwd, pid_file=pid_file)
+        spec = RunSpec(command, **options)
+        callback = spec.line_callback(self.hostname)
+        wrapped = wrap_command(command, env=spec.env, cwd=spec.cwd, pid_file=spec.pid_file)
         client = self._connect()
         transport = client.get_transport()
         assert transport is not None
@@ -360,7 +346,7 @@ class RemoteHost(Block):
         try:
             channel.exec_command(wrapped)
             channel.shutdown_write()
-            deadline = started + timeout if timeout else None
+            deadline = started + spec.timeout if spec.timeout else None
             exit_code = self._pump(channel, out, err, deadline)
             if exit_code is None:
                 raise _DeadlinePassed
@@ -379,7 +365,7 @@ class RemoteHost(Block):
             if isinstance(exc, _DeadlinePassed):
                 result = CommandResult(command, None, out.text(), err.text(),
                                        time.monotonic() - started, self.address, timed_out=True)
-                raise CommandTimeoutError(result, timeout or 0) from None
+                raise CommandTimeoutError(result, spec.timeout or 0) from None
             raise
         finally:
             channel.close()
@@ -387,7 +373,7 @@ class RemoteHost(Block):
         err.close()
         duration = time.monotonic() - started
         result = CommandResult(command, exit_code, out.text(), err.text(), duration, self.address)
-        if check and not result.ok:
+        if spec.check and not result.ok:
             raise CommandError(result)
         return result
 
