@@ -23,7 +23,8 @@ from pydantic import Field, HttpUrl
 
 from blocks.errors import CommandError, CommandTimeoutError, TransferError
 from blocks.host import RunOptions, RunSpec
-from blocks.manifest import CHUNK, part_name, sha256_file, walk_local
+from blocks.manifest import CHUNK, part_name, walk_local
+from blocks.placing import place_files
 from blocks.results import CommandResult, TransferResult
 from blocks.streaming import OutputCollector
 from blocks.wrapping import ENV_NAME, group_alive
@@ -222,32 +223,11 @@ def copy_tree(source: str | os.PathLike[str],
     started = time.monotonic()
     source, destination = os.fspath(source), os.fspath(destination)
     src = walk_local(source)
-    os.makedirs(destination, exist_ok=True)
-    dst = walk_local(destination, hashes=False)
     result = TransferResult(source=source, destination=destination)
     try:
-        for rel, entry in sorted(src.items()):
-            result.checksums[rel] = entry.sha256 or ""
-            target = os.path.join(destination, *rel.split("/"))
-            existing = dst.get(rel)
-            if existing and existing.size == entry.size and \
-                    sha256_file(target) == entry.sha256:
-                result.skipped.append(rel)
-                continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            part = os.path.join(os.path.dirname(target), part_name(rel).rpartition("/")[2])
-            try:
-                digest, size = _copy_file(os.path.join(source, *rel.split("/")), part)
-                if digest != entry.sha256:
-                    raise TransferError(
-                        f"{os.path.join(source, rel)} changed while it was being copied; "
-                        f"nothing was put in place")
-                os.replace(part, target)
-            finally:
-                if os.path.exists(part):
-                    os.unlink(part)
-            result.files.append(rel)
-            result.bytes += size
+        place_files(src, destination,
+                    lambda rel, part: _copy_file(os.path.join(source, *rel.split("/")), part),
+                    result, origin=lambda rel: os.path.join(source, rel), verb="copied")
     except OSError as exc:
         raise TransferError(f"copy from {source} to {destination} failed: {exc}") from exc
     result.seconds = time.monotonic() - started

@@ -39,11 +39,13 @@ from blocks.host import RunOptions, RunSpec
 from blocks.manifest import (
     CHUNK,
     PART_SUFFIX,
+    FileEntry,
     parse_sha256sum,
     part_name,
     sha256_file,
     walk_local,
 )
+from blocks.placing import place_files
 from blocks.results import CommandResult, TransferResult
 from blocks.streaming import OutputCollector
 from blocks.wrapping import PGID_MARKER, kill_group_script, wrap_command
@@ -680,32 +682,12 @@ class RemoteHost(Block):
             if sizes is None:
                 raise TransferError(
                     f"remote directory not found on {self.address}: {remote_dir}")
-            remote = self._remote_sha256(remote_dir, sizes)
-            os.makedirs(local_dir, exist_ok=True)
-            existing = walk_local(local_dir, hashes=False)
-            result.checksums = dict(sorted(remote.items()))
-            for rel in sorted(remote):
-                have = existing.get(rel)
-                if have and have.size == sizes[rel] and \
-                        sha256_file(os.path.join(local_dir, rel)) == remote[rel]:
-                    result.skipped.append(rel)
-                    continue
-                target = os.path.join(local_dir, *rel.split("/"))
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                part = os.path.join(os.path.dirname(target), part_name(rel).rpartition("/")[2])
-                try:
-                    digest, size = _get_file(sftp, f"{remote_dir}/{rel}", part)
-                    if digest != remote[rel]:
-                        raise TransferError(
-                            f"{self.address}:{remote_dir}/{rel} changed while it was being "
-                            f"downloaded (digest {remote[rel][:12]}… before, {digest[:12]}… "
-                            f"received); nothing was put in place")
-                    os.replace(part, target)
-                finally:
-                    if os.path.exists(part):
-                        os.unlink(part)
-                result.files.append(rel)
-                result.bytes += size
+            digests = self._remote_sha256(remote_dir, sizes)
+            expected = {rel: FileEntry(rel, sizes[rel], digest) for rel, digest in digests.items()}
+            place_files(expected, local_dir,
+                        lambda rel, part: _get_file(sftp, f"{remote_dir}/{rel}", part), result,
+                        origin=lambda rel: f"{self.address}:{remote_dir}/{rel}",
+                        verb="downloaded")
         except OSError as exc:
             raise TransferError(
                 f"download from {self.address}:{remote_dir} failed: {exc}") from exc
