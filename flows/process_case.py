@@ -61,9 +61,11 @@ def _options(cfg: MqiConfig, step: str) -> dict[str, Any]:
 def kill_remote_processes(flow: Any, flow_run: Any, state: Any) -> None:
     """on_cancellation / on_crashed: kill the case's remote process groups.
 
-    Runs in the parent (serve/worker) process with no task context
-    (docs/prefect-behaviours.md): everything comes from the flow run's
-    parameters (the case id) and the configuration.
+    Runs in the parent (serve/worker) process with no task context, or in the
+    flow-run process when the engine itself reports the crash
+    (docs/prefect-behaviours.md#hooks-without-task-context): everything comes
+    from the flow run's parameters (the case id) and the configuration, and
+    running it twice is harmless.
     """
     logger = logging.getLogger("mqi.process_case")
     cfg = get_config()
