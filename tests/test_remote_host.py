@@ -9,7 +9,7 @@ import time
 import pytest
 from pydantic import SecretStr
 
-from blocks import HostAuthenticationError, HostConnectError, HostKeyError, RemoteHost
+from blocks import HostAuthenticationError, HostConnectError, HostKeyError, RemoteHost, ssh
 from tests.support.sshd import free_port, keygen
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,7 @@ def test_connection_is_reused_and_close_is_idempotent(sshd):
     second = sshd.remote_host()
     first.run("true", stream=False)
     second.run("true", stream=False)
-    assert first._client is second._client  # one SSH connection for both blocks
+    assert ssh.connect(first) is ssh.connect(second)  # one SSH connection for both blocks
     first.close()
     first.close()
     assert second.run("echo reconnected", stream=False).stdout == "reconnected\n"
