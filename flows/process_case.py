@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture, as_completed
 
 from blocks.factory import gpu_host, gpu_pool
 from config import MqiConfig, get_config
@@ -150,44 +150,48 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
 
 def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, layout: RemoteLayout,
                      chain: list[str]) -> tuple[dict[int, SimulationOutcome], list[str]]:
-    """Submit every beam's chain of steps; wait for all; return sim results and failures."""
+    """Run every beam's chain of steps, beams in parallel; return sim results and failures.
+
+    A beam's next step is submitted only once its previous step completed, so a
+    failed beam leaves no task run waiting for it: the run's graph ends with the
+    failure instead of a downstream task Pending for ever.
+    """
     case_id, digest = info.case_id, info.manifest_digest
-    futures: dict[int, list[tuple[str, PrefectFuture[Any]]]] = {}
-    for beam in info.beams:
-        upstream: list[PrefectFuture[Any]] = []
-        futures[beam.number] = []
-        for step in chain:
-            future: PrefectFuture[Any]
-            if step == GPU_STEP:
-                future = simulate_beam.with_options(**_options(cfg, step)).submit(
-                    case_id, digest, beam, wait_for=upstream, return_state=False)
-            else:
-                command = render_step_command(cfg, step, layout.step_values(step, beam))
-                future = beam_step.with_options(**_options(cfg, step)).submit(
-                    step, case_id, digest, beam.number, command, wait_for=upstream,
-                    return_state=False)
-            futures[beam.number].append((step, future))
-            upstream = [future]
-    wait([f for fs in futures.values() for _, f in fs])
+    beams = {beam.number: beam for beam in info.beams}
+
+    def submit(beam_number: int, position: int) -> PrefectFuture[Any]:
+        step, beam = chain[position], beams[beam_number]
+        if step == GPU_STEP:
+            return simulate_beam.with_options(**_options(cfg, step)).submit(
+                case_id, digest, beam)
+        command = render_step_command(cfg, step, layout.step_values(step, beam))
+        return beam_step.with_options(**_options(cfg, step)).submit(
+            step, case_id, digest, beam.number, command)
+
+    running = {submit(number, 0): (number, 0) for number in beams}
     sims: dict[int, SimulationOutcome] = {}
     failures: list[str] = []
-    for beam_number, submitted in futures.items():
-        for step, future in submitted:
-            state = future.state
-            if state.is_completed():
-                if step == GPU_STEP:
-                    sims[beam_number] = future.result()
-                continue
-            if state.name in ("NotReady", "Pending"):
-                break  # its upstream failed: that one is reported
-            try:
-                future.result()
-            except StageFailed as exc:  # already names the step and the beam
-                failures.append(exc.summary)
-            except Exception as exc:  # noqa: BLE001 - collected, reported together
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                failures.append(f"{step} [beam {beam_number}]: {type(exc).__name__}: {first}")
-            break
+    while running:
+        future = next(as_completed(list(running)))
+        beam_number, position = running.pop(future)
+        step = chain[position]
+        try:
+            outcome = future.result()
+        except StageFailed as exc:  # already names the step and the beam
+            failures.append(exc.summary)
+        except Exception as exc:  # noqa: BLE001 - collected, reported together
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            failures.append(f"{step} [beam {beam_number}]: {type(exc).__name__}: {first}")
+        else:
+            if step == GPU_STEP:
+                sims[beam_number] = outcome
+            if position + 1 < len(chain):
+                running[submit(beam_number, position + 1)] = (beam_number, position + 1)
+            continue
+        not_run = chain[position + 1:]
+        if not_run:
+            get_run_logger().warning("beam %d: %s not run, because %s failed", beam_number,
+                                     ", ".join(not_run), step)
     return sims, failures
 
 

@@ -68,6 +68,15 @@ def run_case(case_dir: Path, workflow: str = "default_qa"):
     return process_case(case_dir=str(case_dir), workflow=workflow, return_state=True)
 
 
+def task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
 def active_slots(inst: Installation) -> dict[str, int]:
     from prefect.client.orchestration import get_client
 
@@ -129,6 +138,11 @@ def test_failing_beam_fails_the_case_frees_the_gpu_and_rerun_resumes(fresh: Inst
     assert state.is_failed()
     assert "beam 3" in state.message and "FATAL ERROR" in state.message
     assert all(v == 0 for v in active_slots(fresh).values())  # the GPU came back
+    # the failed beam's convert_to_dicom never started: no task waits for ever
+    tasks = task_runs(state.state_details.flow_run_id)
+    assert tasks and all(t.state.is_final() for t in tasks), \
+        [(t.name, t.state.name) for t in tasks if not t.state.is_final()]
+    assert "convert_to_dicom-beam3" not in {t.name for t in tasks}
 
     status = fresh.mqi("status", "--failed")
     assert status.returncode == 0, status.stderr
