@@ -15,8 +15,10 @@ import struct
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.uid import generate_uid
+
+from demo.dicom import new_file
 
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
 BROKEN_KINDS = (
@@ -33,19 +35,10 @@ BROKEN_KINDS = (
 
 def _plan(case_id: str, patient_id: str, study_uid: str, beams: int, layers: int,
           machine: str) -> FileDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_ION_PLAN
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = RT_ION_PLAN
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "RTPLAN"
-    ds.PatientName = "SIMULATED^PATIENT"
+    ds = new_file(RT_ION_PLAN, "RTPLAN")
     ds.PatientID = patient_id
     ds.PatientBirthDate = "19000101"
     ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = generate_uid()
     ds.SeriesDescription = "SIMULATED plan for MQI Communicator"
     ds.RTPlanLabel = f"SIM_{case_id}"[:16]
     ds.RTPlanGeometry = "PATIENT"

@@ -15,6 +15,7 @@ Every simulator says SIMULATED in its output.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -30,6 +31,21 @@ def load(path: str | None) -> dict[str, Any]:
     control = dict(DEFAULTS)
     if path and Path(path).exists():
         control.update(json.loads(Path(path).read_text()))
+    return control
+
+
+def arguments(prog: str) -> argparse.ArgumentParser:
+    """A simulated tool's parser: ``prog`` is the real tool's name, ``--control`` is ours."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--control", help="the JSON control file (default: $MQI_SIM_CONTROL)")
+    return parser
+
+
+def start(control_file: str | None, tool: str, banner: str, **fields: Any) -> dict[str, Any]:
+    """Load the control, record the tool's start and print its first line; the control."""
+    control = load(control_file)
+    record(control, tool, "start", **fields)
+    print(banner, flush=True)
     return control
 
 

@@ -7,7 +7,6 @@ with a message on a bad case, as the real one does.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import shutil
 import struct
@@ -25,14 +24,12 @@ def fail(message: str) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="main_cli.py")
-    parser.add_argument("--control")
+    parser = _simctl.arguments("main_cli.py")
     parser.add_argument("--logdir", required=True)
     parser.add_argument("--outputdir", required=True)
     args = parser.parse_args()
-    control = _simctl.load(args.control)
-    _simctl.record(control, "interpreter", "start", logdir=args.logdir)
-    print("Log interpreter (SIMULATED by MQI Communicator's test simulator)", flush=True)
+    control = _simctl.start(args.control, "interpreter", "Log interpreter (SIMULATED by MQI "
+                            "Communicator's test simulator)", logdir=args.logdir)
     case, out = Path(args.logdir), Path(args.outputdir)
     plans = sorted(case.glob("RP*.dcm"))
     if len(plans) != 1:

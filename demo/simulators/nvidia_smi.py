@@ -10,7 +10,6 @@ for somebody else's process on GPU N. The GPU name says SIMULATED.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from demo.simulators import _simctl
@@ -59,8 +58,7 @@ def render(fields: list[str], rows: list[dict[str, str]], fmt: set[str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="nvidia-smi")
-    parser.add_argument("--control")
+    parser = _simctl.arguments("nvidia-smi")
     parser.add_argument("--gpus", type=int)
     parser.add_argument("--query-gpu")
     parser.add_argument("--query-compute-apps")

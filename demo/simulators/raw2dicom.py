@@ -7,7 +7,6 @@ SIMULATED in its series description and manufacturer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import struct
 import sys
@@ -19,27 +18,19 @@ RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 
 
 def write_dose(raw: Path, geometry: dict, out: Path) -> Path:
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
+
+    from demo.dicom import new_file
 
     frames, rows, cols = geometry["frames"], geometry["rows"], geometry["columns"]
     values = struct.unpack(f"<{frames * rows * cols}f", raw.read_bytes())
     peak = max(values) or 1.0
     scaling = peak / 65535
     pixels = struct.pack(f"<{len(values)}I", *(round(v / scaling) for v in values))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_DOSE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = RT_DOSE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "RTDOSE"
+    ds = new_file(RT_DOSE, "RTDOSE")
     ds.Manufacturer = "MQI Communicator (SIMULATED)"
     ds.SeriesDescription = f"SIMULATED MOQUI dose, beam {geometry['beam']}"
-    ds.PatientName = "SIMULATED^PATIENT"
     ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
     ds.DoseUnits = "GY"
     ds.DoseType = "PHYSICAL"
     ds.DoseSummationType = "BEAM"
@@ -66,14 +57,13 @@ def write_dose(raw: Path, geometry: dict, out: Path) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="moqui_raw2dicom.py")
-    parser.add_argument("--control")
+    parser = _simctl.arguments("moqui_raw2dicom.py")
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
-    control = _simctl.load(args.control)
-    _simctl.record(control, "raw2dicom", "start", input=args.input)
-    print("raw2dicom (SIMULATED by MQI Communicator's test simulator)", flush=True)
+    control = _simctl.start(args.control, "raw2dicom",
+                            "raw2dicom (SIMULATED by MQI Communicator's test simulator)",
+                            input=args.input)
     src = Path(args.input)
     raws = sorted(src.glob("*.raw")) if src.is_dir() else [src]
     raws = [r for r in raws if r.is_file()]

@@ -11,7 +11,6 @@ collision if another simulation already held it.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -45,8 +44,7 @@ def _stop(signum: int, _frame: object) -> None:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
-    parser = argparse.ArgumentParser(prog="tps_env")
-    parser.add_argument("--control")
+    parser = _simctl.arguments("tps_env")
     parser.add_argument("input_file")
     args = parser.parse_args()
     control = _simctl.load(args.control)
