@@ -25,6 +25,8 @@ fi
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 .venv/bin/python -m pip install -q -e ".${extra}" 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -c "import prefect, paramiko, pydicom, deployments.cli" \
+# -I: from the installation only, not from this folder (the demo's and the tests'
+# simulators run as `python -m demo.simulators.<tool>` in other folders).
+.venv/bin/python -I -c "import prefect, paramiko, pydicom, deployments.cli, demo.simulators" \
     || { echo "error: installation incomplete" >&2; exit 1; }
 echo "installed: $(.venv/bin/python -m prefect --version | head -1 | sed 's/^/prefect /')"
