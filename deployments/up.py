@@ -212,7 +212,8 @@ def register_blocks(cfg: MqiConfig) -> None:
         cls.register_type_and_schema()
     gpu_pool(cfg).save("mqi-gpu-pool", overwrite=True)
     host = gpu_host(cfg)
-    if not any(getattr(host, f, None) for f in ("password", "private_key", "passphrase")):
+    secrets = any(getattr(host, f, None) for f in ("password", "private_key", "passphrase"))
+    if isinstance(host, RemoteHost | LocalHost) and not secrets:
         host.save("mqi-gpu-host", overwrite=True)
 
 
