@@ -18,6 +18,7 @@ throughput >= 0.9x scp; small-file tree time <= 1.5x scp.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -64,10 +65,8 @@ def naive_put_tree(server: SshServer, local: Path, remote: str) -> None:
     for dirpath, _, names in os.walk(local):
         rel = os.path.relpath(dirpath, local)
         target = remote if rel == "." else f"{remote}/{rel}"
-        try:
+        with contextlib.suppress(OSError):
             sftp.mkdir(target)
-        except OSError:
-            pass
         for name in names:
             sftp.put(os.path.join(dirpath, name), f"{target}/{name}")
     client.close()

@@ -14,13 +14,13 @@ from blocks.gpu_pool import GpuPool
 from blocks.host import Host
 from blocks.local_host import LocalHost
 from blocks.remote_host import RemoteHost
-from config import MqiConfig
+from config import MqiConfig, MqiError
 from config.models import HostSettings
 
 __all__ = ["Host", "MissingSecretError", "gpu_host", "gpu_pool", "host_from_settings"]
 
 
-class MissingSecretError(RuntimeError):
+class MissingSecretError(MqiError):
     """A configured ``*_env`` variable is not set."""
 
 

@@ -1,7 +1,7 @@
 """GpuPool: which GPUs the GPU host has, and how a simulation gets exactly one of them.
 
 Two layers make "no two simulations on one GPU index at once" hold across
-processes and machines (DESIGN.md §5, the second way):
+processes and machines (docs/gpu-allocation.md#admission-and-the-index-lock):
 
 1. admission: one Prefect global concurrency limit sized to the usable GPUs,
    taken with ``strict=True`` (a misspelt limit is an error, not an
@@ -160,7 +160,7 @@ class GpuPool(Block):
     _block_type_name = "MQI GPU Pool"
     _block_type_slug = "mqi-gpu-pool"
     _logo_url = HttpUrl(
-        "https://images.ctfassets.net/gm98wzqotmnx/4CxjycqILlT9S9YchI7o1q/ee62e2089dfceb19072245c62f0c69d2/image11.png")  # noqa: E501
+        "https://images.ctfassets.net/gm98wzqotmnx/4CxjycqILlT9S9YchI7o1q/ee62e2089dfceb19072245c62f0c69d2/image11.png")
     _description = ("GPUs of the GPU host, read with nvidia-smi or NVML, lent to one "
                     "simulation at a time through Prefect global concurrency limits and a "
                     "per-index lock file on the host.")

@@ -9,6 +9,7 @@ the run log, its own process group) with RemoteHost's methods, over subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import selectors
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Unpack
 
 from prefect.blocks.core import Block
@@ -37,7 +39,7 @@ class LocalHost(Block):
     _block_type_name = "MQI Local Host"
     _block_type_slug = "mqi-local-host"
     _logo_url = HttpUrl(
-        "https://images.ctfassets.net/gm98wzqotmnx/5h9vGvpbqhtDDMpvMxCHFe/8a4ad5c0d0a40b4a04e8b0fdfdc5f6bb/shell.png")  # noqa: E501
+        "https://images.ctfassets.net/gm98wzqotmnx/5h9vGvpbqhtDDMpvMxCHFe/8a4ad5c0d0a40b4a04e8b0fdfdc5f6bb/shell.png")
     _description = (
         "The machine the flow runs on, used like a remote host: runs commands in their own "
         "process group with output streamed to the run log, and copies directory trees with "
@@ -138,15 +140,13 @@ class LocalHost(Block):
             if not group_alive(pgid):
                 return
             time.sleep(0.05)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def kill_pid_file(self, pid_file: str) -> bool:
         """Kill the process group whose id ``run(pid_file=...)`` wrote. True if one was found."""
         try:
-            text = open(pid_file, encoding="ascii").read().strip()
+            text = Path(pid_file).read_text(encoding="ascii").strip()
         except OSError:
             return False
         if not text.isdigit():

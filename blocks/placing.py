@@ -4,7 +4,7 @@ LocalHost's copy and RemoteHost's download differ only in how one file's
 bytes arrive; what happens around that is the same and lives here, once:
 a file already present with the same size and SHA-256 is skipped, any other
 is written under a temporary part name beside its target, its digest compared
-with the expected one, and only then renamed into place (DESIGN.md §4).
+with the expected one, and only then renamed into place (docs/architecture.md#verified-transfers).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A command runs under ``setsid`` (blocks.wrapping), whose first line on stderr
 is the process-group marker. Both streams are read while the command runs, so
 no amount of output can block it, and the wait loop keeps its own deadline: a
 sync task's timeout cannot interrupt a blocking read. On a timeout, an error
-or a cancellation the whole remote process group is killed (DESIGN.md §4).
+or a cancellation the whole remote process group is killed
+(docs/architecture.md#remote-process-groups).
 """
 
 from __future__ import annotations

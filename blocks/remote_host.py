@@ -28,7 +28,7 @@ class RemoteHost(Block):
     _block_type_name = "MQI Remote Host"
     _block_type_slug = "mqi-remote-host"
     _logo_url = HttpUrl(
-        "https://images.ctfassets.net/gm98wzqotmnx/4CxjycqILlT9S9YchI7o1q/ee62e2089dfceb19072245c62f0c69d2/image11.png")  # noqa: E501
+        "https://images.ctfassets.net/gm98wzqotmnx/4CxjycqILlT9S9YchI7o1q/ee62e2089dfceb19072245c62f0c69d2/image11.png")
     _description = (
         "An SSH host (the GPU server): runs commands in their own process group, streams "
         "their output into the Prefect run log, kills them on timeout or cancellation, and "

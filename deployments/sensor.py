@@ -211,7 +211,7 @@ class CaseSensor:
                 if self._consider(name):
                     with self._lock:
                         self.candidates.pop(name, None)
-            except Exception as exc:  # noqa: BLE001 - one odd folder never stops the sensor
+            except Exception as exc:
                 log.exception("case folder %r: unexpected error, will look again: %s", name, exc)
 
     def _report_once(self, cand: Candidate, kind: str, message: str, *args: object) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     # through `python -m prefect.engine`, which imports everything again.
     for served in DEPLOYMENTS:
         runner.add_flow(served.load(), **served.options)
-    try:
+    with contextlib.suppress(KeyboardInterrupt, TerminationSignal):
         asyncio.run(_run(runner))
-    except (KeyboardInterrupt, TerminationSignal):
-        pass
     return 0
 
 

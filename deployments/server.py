@@ -21,7 +21,7 @@ from config import MqiConfig, MqiError
 from deployments.supervisor import die_with_parent
 
 # Held GPU slots must survive a server restart; the in-memory lease store would
-# leak them for good (see DESIGN.md §5).
+# leak them for good (docs/prefect-behaviours.md#lease-store).
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 SERVER_KEEPALIVE_SECONDS = 65  # > the 25 s Prefect's clients keep idle connections
 
@@ -131,7 +131,7 @@ def start_server(cfg: MqiConfig, log_file: Path, timeout: float = 90.0) -> subpr
             [sys.executable, "-m", "prefect", "server", "start",
              "--host", cfg.prefect.server_host, "--port", str(cfg.prefect.server_port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
+            start_new_session=True, preexec_fn=die_with_parent)
     deadline = time.monotonic() + timeout
     api = cfg.prefect.effective_api_url
     while time.monotonic() < deadline:

@@ -11,6 +11,7 @@ supervisor itself dies, even by SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -32,10 +33,8 @@ READY_FILE_ENV = "MQI_READY_FILE"
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """In a child before exec: ask the kernel for SIGTERM when our parent dies."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def announce_ready() -> None:
@@ -110,7 +109,7 @@ class Supervisor:
             child.proc = subprocess.Popen(
                 child.argv, env=env, stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=die_with_parent)  # noqa: PLW1509 - async-signal-safe prctl only
+                preexec_fn=die_with_parent)
         log.info("%s started (pid %d, log %s)", child.name, child.proc.pid, child.log_file)
         ready = child.ready or (child.ready_file and (lambda: _announced(child)))
         if not ready:
@@ -167,31 +166,23 @@ class Supervisor:
                 continue
             targets += [child.proc.pid, *descendants(child.proc.pid)]
             if child.proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         for pid in targets:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + grace
         for child in self.children:
             if child.proc is not None:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     child.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
         while time.monotonic() < deadline and any(_alive(p) for p in targets):
             time.sleep(0.1)
         for pid in targets:
             if _alive(pid):
                 log.warning("process %d ignored SIGTERM; killing it", pid)
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         for child in self.children:
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.wait(5)

@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 scripts/install.sh test
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 .venv/bin/ruff check .
+# type check config/ blocks/ flows/ deployments/ demo/ ([tool.mypy] in pyproject.toml)
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -190,7 +190,7 @@ def test_unreadable_root_and_file_are_reported_once_then_picked_up(api, tmp_path
            "PREFECT_HOME": str(tmp_path / "prefect-home")}
     proc = subprocess.Popen([sys.executable, "-m", "deployments.sensor"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_drop_root_file_access)  # noqa: PLW1509
+                            preexec_fn=_drop_root_file_access)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
     reader.start()

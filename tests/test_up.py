@@ -5,6 +5,7 @@ no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -143,10 +144,8 @@ def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
             up.kill()
             up.wait()
         for pid in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_kill_9_of_up_mid_simulation_then_restart_completes_the_case_once(inst: Installation,

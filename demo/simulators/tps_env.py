@@ -75,7 +75,8 @@ def main() -> int:
     lock = None
     state = _simctl.state_dir(control)
     if state is not None:
-        lock = open(state / f"gpu{gpu}.sim-lock", "w")
+        # Held open for the whole simulation: the kernel drops the lock when we exit.
+        lock = open(state / f"gpu{gpu}.sim-lock", "w")  # noqa: SIM115
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -105,7 +105,7 @@ class SshServer:
         )
         self.process = subprocess.Popen(
             [sshd, "-D", "-e", "-f", str(config)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log_file, "wb"))
+            stdout=subprocess.DEVNULL, stderr=open(self.log_file, "wb"))  # noqa: SIM115
         self._wait_listening()
         pub = self.host_key.with_suffix(".pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
