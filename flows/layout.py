@@ -23,6 +23,16 @@ GpuId = int | str
 """A GPU index, or a stand-in such as ``"{gpu}"`` when a cache key is computed."""
 
 
+class _Folder:
+    """A fixed folder inside the case's work folder, read as an attribute."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layout: RemoteLayout, owner: type | None = None) -> str:
+        return posixpath.join(layout.work_dir, self.name)
+
+
 @dataclass(frozen=True)
 class RemoteLayout:
     """The case's working folder on the GPU host."""
@@ -30,32 +40,22 @@ class RemoteLayout:
     root: str
     case_id: str
 
+    case_dir = _Folder("case")
+    """The uploaded case folder."""
+    output_dir = _Folder("interpreted")
+    """What the interpreter writes (``plan/``, ``log/<beam>/``)."""
+    log_dir = _Folder("logs")
+    pid_dir = _Folder("pids")
+    """One pid file per running stage: what the hooks kill."""
+    dicom_root = _Folder("dicom")
+    """RT Dose per beam (``beam_<N>/``): what is downloaded."""
+
     @property
     def work_dir(self) -> str:
         return posixpath.join(self.root, self.case_id)
 
     def _in(self, *parts: str) -> str:
         return posixpath.join(self.work_dir, *parts)
-
-    @property
-    def case_dir(self) -> str:
-        return self._in("case")
-
-    @property
-    def output_dir(self) -> str:
-        return self._in("interpreted")
-
-    @property
-    def log_dir(self) -> str:
-        return self._in("logs")
-
-    @property
-    def pid_dir(self) -> str:
-        return self._in("pids")
-
-    @property
-    def dicom_root(self) -> str:
-        return self._in("dicom")
 
     def pid_file(self, step: str, beam: int | None = None) -> str:
         return self._in("pids", f"{step}{'' if beam is None else f'-beam{beam}'}.pid")
