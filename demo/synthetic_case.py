@@ -4,7 +4,9 @@ A case is an RT Ion Plan written with pydicom (one SETUP photon beam plus N
 TREATMENT proton beams) and one delivery folder per treatment beam with
 PlanInfo.txt, PlanRange.txt, ``.ptn`` spot logs (big-endian uint16, 8 columns)
 and ``.mgn`` monitor files. Patient data is made up and labelled SIMULATED.
-``broken=`` writes each kind of broken case that inspection must refuse.
+``broken=`` writes each kind of broken case that inspection must refuse; the
+``WAITING_KINDS`` among them lack a piece that may still arrive (inspection says
+``CaseIncomplete``), the others can never start as they are.
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ BROKEN_KINDS = (
     "symlink_escape",
     "bad_case_id",
     "empty_ptn",
+    "no_planrange",
+    "missing_ptn",
+    "missing_mgn",
+    "empty_mgn",
 )
+# Broken in a way more arriving files would heal: incomplete, not refused for good.
+WAITING_KINDS = frozenset({
+    "beam_count_mismatch", "empty_ptn", "no_planrange", "missing_ptn", "missing_mgn",
+    "empty_mgn"})
+BROKEN_LAYER = 2  # the layer (or the last) of the first delivery folder missing_*/empty_mgn break
 
 
 def _plan(case_id: str, patient_id: str, study_uid: str, beams: int, layers: int,
@@ -152,10 +163,15 @@ def write_case(
                 data += struct.pack(">8H", spot, rng.randrange(65536), rng.randrange(65536),
                                     rng.randrange(4096), rng.randrange(4096), layer,
                                     int(energy * 10), 0)
-            (folder / f"{stem_ptn}.ptn").write_bytes(bytes(data))
-            (folder / f"{stem_mgn}.mgn").write_bytes(
-                struct.pack(">4H", layer, int(energy * 10), spots, 0) * 64)
-        (folder / "PlanRange.txt").write_text("\n".join(rows) + "\n")
+            hit = b == 0 and layer == min(BROKEN_LAYER, layers)
+            if not (hit and broken == "missing_ptn"):
+                (folder / f"{stem_ptn}.ptn").write_bytes(bytes(data))
+            if not (hit and broken == "missing_mgn"):
+                monitor = struct.pack(">4H", layer, int(energy * 10), spots, 0) * 64
+                (folder / f"{stem_mgn}.mgn").write_bytes(
+                    b"" if hit and broken == "empty_mgn" else monitor)
+        if not (b == 0 and broken == "no_planrange"):
+            (folder / "PlanRange.txt").write_text("\n".join(rows) + "\n")
     if broken == "symlink_escape":
         (root / "outside").symlink_to("/etc")
     if ready_marker:

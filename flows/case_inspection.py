@@ -1,15 +1,23 @@
 """Case inspection: is this folder a complete, consistent case, and what is in it?
 
 Runs before anything leaves the machine. A case that fails here is refused with
-one precise reason and is never uploaded. The description it returns holds no
-patient name or id: only the case id and a short pseudonymous hash.
+one precise reason and is never uploaded. Two kinds of "no": ``CaseIncomplete``
+(a piece is missing or empty: files may still be arriving, so the sensor keeps
+waiting) and ``CaseRejected`` itself (the case can never start as it is). The
+description it returns, and every reason, holds no patient name or id: a
+``.ptn``/``.mgn`` file (whose name carries one) is named by its folder and its
+PlanRange.txt row or layer, never by its name.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
+import stat
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import pydicom
 from pydantic import BaseModel
@@ -21,18 +29,43 @@ from flows.commands import CaseIdError, validate_case_id
 
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
 PTN_ROW_BYTES = 16  # 8 x big-endian uint16
+PLAN_RANGE = "PlanRange.txt"
+# PlanRange.txt columns naming a layer's files, and what each file is called in reasons.
+LAYER_FILES = {"SCAN_OUT_FL_NM": ".ptn", "PLAN_SCAN_OUT_FL_NM": ".mgn"}
+ID_BEARING_SUFFIXES = (".ptn", ".mgn")  # the treatment system puts a patient id in these names
 
 
 class CaseRejected(MqiError):
-    """The folder is not a processable case; ``reason`` says exactly why."""
+    """The folder is not a processable case as it is; ``reason`` says exactly why.
+
+    ``waiting`` is False: nothing that may still arrive would make it processable
+    (a bad id, a link, two plans, a PlanInfo naming a beam the plan lacks...).
+    """
+
+    waiting = False
 
     def __init__(self, case_dir: str | os.PathLike[str], reason: str) -> None:
         self.case_dir = str(case_dir)
         self.reason = reason
-        super().__init__(f"case {Path(case_dir).name!r} refused: {reason}")
+        super().__init__(f"case {Path(case_dir).name!r} refused: {self._what()}{reason}")
+
+    def _what(self) -> str:
+        return ""
 
     def __reduce__(self) -> tuple[object, ...]:  # crosses from the task to the flow
-        return (CaseRejected, (self.case_dir, self.reason))
+        return (type(self), (self.case_dir, self.reason))
+
+
+class CaseIncomplete(CaseRejected):
+    """A piece of the case is missing or empty: it may still arrive (``waiting`` is True).
+
+    The sensor keeps waiting for such a case; a run given one refuses it all the same.
+    """
+
+    waiting = True
+
+    def _what(self) -> str:
+        return "not complete yet (files may still be arriving): "
 
 
 class Beam(BaseModel):
@@ -89,13 +122,31 @@ def manifest_digest(manifest: dict[str, ManifestEntry]) -> str:
     return h.hexdigest()
 
 
-def content_signature(case_dir: str | os.PathLike[str], ignore: set[str]) -> tuple[int, int,
-                                                                                   int]:
-    """(files, bytes, newest mtime ns) of a case folder: cheap, changes when content does."""
+class Signature(NamedTuple):
+    """What a folder's listing says about its content, from stats alone (nothing is read).
+
+    ``listing`` is a digest of every entry's relative name, type and mode, size,
+    mtime and ctime: a file that arrives, grows, is renamed, rewritten, replaced or
+    made readable changes it; reading a file does not.
+    """
+
+    files: int
+    bytes: int
+    newest_ns: int
+    listing: str
+
+
+def content_signature(case_dir: str | os.PathLike[str], ignore: set[str]) -> Signature:
+    """The ``Signature`` of a case folder: cheap, and it changes when content does."""
     count = size = newest = 0
-    for dirpath, _, filenames in os.walk(case_dir):
-        for name in filenames:
-            if Path(dirpath) == Path(case_dir) and name in ignore:
+    listing = hashlib.blake2b(digest_size=16)
+    root = os.fspath(case_dir)
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(dirnames):
+            listing.update(f"d\0{rel_dir}/{name}\n".encode(errors="surrogateescape"))
+        for name in sorted(filenames):
+            if dirpath == root and name in ignore:
                 continue
             try:
                 st = os.lstat(os.path.join(dirpath, name))
@@ -104,7 +155,10 @@ def content_signature(case_dir: str | os.PathLike[str], ignore: set[str]) -> tup
             count += 1
             size += st.st_size
             newest = max(newest, st.st_mtime_ns)
-    return count, size, newest
+            listing.update(f"f\0{rel_dir}/{name}\0{st.st_mode}\0{st.st_size}\0"
+                           f"{st.st_mtime_ns}\0{st.st_ctime_ns}\n"
+                           .encode(errors="surrogateescape"))
+    return Signature(count, size, newest, listing.hexdigest())
 
 
 def content_digest(case_dir: str | os.PathLike[str], ignore: set[str]) -> str:
@@ -126,6 +180,25 @@ def content_digest(case_dir: str | os.PathLike[str], ignore: set[str]) -> str:
     return manifest_digest(manifest)
 
 
+def _layer_number(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def describe_file(rel: Path) -> str:
+    """A file's path for a reason, without the patient id a ``.ptn``/``.mgn`` name carries.
+
+    Such a file is named by its folder and the layer number that ends its name
+    (``02_<id>_<plan>_<field>_<layer>.ptn``); any other path is shown as it is.
+    """
+    suffix = rel.suffix.lower()
+    if suffix not in ID_BEARING_SUFFIXES:
+        return rel.as_posix()
+    layer = _layer_number(rel.stem.rpartition("_")[2])
+    what = f"a {suffix} file" if layer is None else f"the {suffix} file of layer {layer}"
+    return what if rel.parent == Path() else f"{rel.parent.as_posix()}: {what}"
+
+
 def _walk(case_dir: Path, ignore: set[str]) -> list[Path]:
     """Every regular file of the case; a link or an escape is a refusal."""
     files = []
@@ -136,16 +209,99 @@ def _walk(case_dir: Path, ignore: set[str]) -> list[Path]:
                 target = os.path.realpath(full)
                 where = "outside the case folder" if not target.startswith(
                     str(case_dir) + os.sep) else "inside the case folder"
-                raise CaseRejected(case_dir, f"{full.relative_to(case_dir)} is a symbolic link "
-                                             f"(to {where}); links are not accepted")
+                raise CaseRejected(case_dir, f"{describe_file(full.relative_to(case_dir))} is "
+                                             f"a symbolic link (to {where}); links are not "
+                                             f"accepted")
         for name in filenames:
             if Path(dirpath) == case_dir and name in ignore:
                 continue
             full = Path(dirpath) / name
             if not full.is_file():
-                raise CaseRejected(case_dir, f"{full.relative_to(case_dir)} is not a regular file")
+                raise CaseRejected(case_dir, f"{describe_file(full.relative_to(case_dir))} is "
+                                             f"not a regular file")
             files.append(full)
     return sorted(files)
+
+
+def _layer_file(case: Path, folder: Path, where: str, suffix: str, name: str | None) -> str | None:
+    """Check one file a PlanRange.txt row names: None when it is there, regular and
+    non-empty (and, for a spot log, whole rows); the waiting reason when it is missing
+    or empty. Raises ``CaseRejected`` when it can never be right."""
+    what = f"{where}: the {suffix} file it names"
+    name = (name or "").strip()
+    if not name:
+        raise CaseRejected(case, f"{where} names no {suffix} file")
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise CaseRejected(case, f"{what} is not a plain file name in {folder.name}")
+    try:
+        st = os.lstat(folder / name)
+    except FileNotFoundError:
+        return f"{what} is missing"
+    if not stat.S_ISREG(st.st_mode):
+        raise CaseRejected(case, f"{what} is not a regular file")
+    if st.st_size == 0:
+        return f"{what} is empty"
+    if suffix == ".ptn" and st.st_size % PTN_ROW_BYTES:
+        raise CaseRejected(case, f"{what} is not whole rows of 8 x uint16 "
+                                 f"({st.st_size} bytes)")
+    return None
+
+
+def _check_layers(case: Path, folder: Path) -> tuple[int, list[str]]:
+    """The layers PlanRange.txt lists, and why they are not all there yet (empty when
+    they are). Raises ``CaseRejected`` for a PlanRange.txt that can never be right."""
+    path = folder / PLAN_RANGE
+    where = f"{folder.name}/{PLAN_RANGE}"
+    if not path.is_file():
+        return 0, [f"{where} is missing"]
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        rows = list(csv.reader(fh))
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    if not rows:
+        return 0, [f"{where} is empty"]
+    header = [cell.strip().upper() for cell in rows[0]]
+    missing_columns = [c for c in LAYER_FILES if c not in header]
+    if missing_columns:
+        raise CaseRejected(case, f"{where} has no {' or '.join(missing_columns)} column")
+    if len(rows) == 1:
+        return 0, [f"{where} lists no energy layer yet"]
+    waiting = []
+    for number, row in enumerate(rows[1:], start=1):
+        cells = dict(zip(header, row, strict=False))
+        layer = _layer_number(cells.get("LAYER_NO", ""))
+        at = f"{where} row {number}" + ("" if layer is None else f" (layer {layer})")
+        for column, suffix in LAYER_FILES.items():
+            reason = _layer_file(case, folder, at, suffix, cells.get(column))
+            if reason:
+                waiting.append(reason)
+    return len(rows) - 1, waiting
+
+
+def _check_plan_info(case: Path, folder: Path, treatment: Mapping[int, object],
+                     patient_id: str, study_uid: str) -> int | None:
+    """The treatment beam a delivery folder's PlanInfo.txt names; None when the file is
+    not there yet. Raises ``CaseRejected`` when it names no such beam or another patient
+    or study than the plan's."""
+    info_file = folder / "PlanInfo.txt"
+    if not info_file.is_file():
+        return None
+    info = read_plan_info(info_file)
+    try:
+        number = int(info.get("DICOM_BEAM_NUMBER", ""))
+    except ValueError:
+        raise CaseRejected(case, f"{folder.name}/PlanInfo.txt has no valid "
+                                 f"DICOM_BEAM_NUMBER") from None
+    if number not in treatment:
+        raise CaseRejected(case, f"{folder.name}/PlanInfo.txt names beam {number}, which "
+                                 f"is not a treatment beam of the plan "
+                                 f"({', '.join(map(str, sorted(treatment)))})")
+    if info.get("DICOM_PATIENT_ID", patient_id) != patient_id:
+        raise CaseRejected(case, f"{folder.name}/PlanInfo.txt belongs to another patient "
+                                 f"than the plan (DICOM_PATIENT_ID differs)")
+    if info.get("DICOM_STUDY_INS_UID", study_uid) != study_uid:
+        raise CaseRejected(case, f"{folder.name}/PlanInfo.txt belongs to another study "
+                                 f"than the plan (DICOM_STUDY_INS_UID differs)")
+    return number
 
 
 def inspect_case(case_dir: str | os.PathLike[str], *, id_pattern: str,
@@ -162,7 +318,9 @@ def inspect_case(case_dir: str | os.PathLike[str], *, id_pattern: str,
         ignore: Top-level file names that are not case content (the ready marker).
 
     Raises:
-        CaseRejected: With the precise reason.
+        CaseIncomplete: A piece is missing or empty (a delivery folder, PlanInfo.txt,
+            PlanRange.txt, a file a PlanRange.txt row names): it may still arrive.
+        CaseRejected: The case can never start as it is. Either way, with the reason.
     """
     raw = Path(case_dir)
     if scan_root is not None:
@@ -202,56 +360,41 @@ def inspect_case(case_dir: str | os.PathLike[str], *, id_pattern: str,
     if not treatment:
         raise CaseRejected(case, "the plan has no TREATMENT beam")
     folders = sorted(p for p in case.iterdir() if p.is_dir())
-    if len(folders) != len(treatment):
+    if len(folders) > len(treatment):
         raise CaseRejected(case, f"the plan has {len(treatment)} treatment beam(s) "
                                  f"({setup} setup beam(s) excluded) but the case has "
                                  f"{len(folders)} delivery folder(s)")
+    # A refusal found anywhere wins over a missing piece: only a case that nothing
+    # but arriving files can complete is "waiting".
+    waiting = [] if len(folders) == len(treatment) else [
+        f"the plan has {len(treatment)} treatment beam(s) ({setup} setup beam(s) excluded) "
+        f"but the case has {len(folders)} delivery folder(s)"]
 
     patient_id = str(plan.get("PatientID", ""))
     study_uid = str(plan.get("StudyInstanceUID", ""))
     beams: list[Beam] = []
     seen: dict[int, str] = {}
     for folder in folders:
-        info_file = folder / "PlanInfo.txt"
-        if not info_file.is_file():
-            raise CaseRejected(case, f"{folder.name}/PlanInfo.txt is missing")
-        info = read_plan_info(info_file)
-        try:
-            number = int(info.get("DICOM_BEAM_NUMBER", ""))
-        except ValueError:
-            raise CaseRejected(case, f"{folder.name}/PlanInfo.txt has no valid "
-                                     f"DICOM_BEAM_NUMBER") from None
-        if number not in treatment:
-            raise CaseRejected(case, f"{folder.name}/PlanInfo.txt names beam {number}, which "
-                                     f"is not a treatment beam of the plan "
-                                     f"({', '.join(map(str, sorted(treatment)))})")
+        number = _check_plan_info(case, folder, treatment, patient_id, study_uid)
+        if number is None:
+            waiting.append(f"{folder.name}/PlanInfo.txt is missing")
+            continue
         if number in seen:
             raise CaseRejected(case, f"beam {number} is delivered twice ({seen[number]} and "
                                      f"{folder.name})")
         seen[number] = folder.name
-        if info.get("DICOM_PATIENT_ID", patient_id) != patient_id:
-            raise CaseRejected(case, f"{folder.name}/PlanInfo.txt belongs to another patient "
-                                     f"than the plan (DICOM_PATIENT_ID differs)")
-        if info.get("DICOM_STUDY_INS_UID", study_uid) != study_uid:
-            raise CaseRejected(case, f"{folder.name}/PlanInfo.txt belongs to another study "
-                                     f"than the plan (DICOM_STUDY_INS_UID differs)")
-        ptns = sorted(folder.glob("*.ptn"))
-        if not ptns:
-            raise CaseRejected(case, f"{folder.name} has no .ptn spot log")
-        for ptn in ptns:
-            size = ptn.stat().st_size
-            if size == 0:
-                raise CaseRejected(case, f"{folder.name}/{ptn.name} is empty")
-            if size % PTN_ROW_BYTES:
-                raise CaseRejected(case, f"{folder.name}/{ptn.name} is not whole rows of "
-                                         f"8 x uint16 ({size} bytes)")
+        layers, missing = _check_layers(case, folder)
+        waiting += missing
         ds = treatment[number]
         machine = str(ds.get("TreatmentMachineName", ""))
         beams.append(Beam(
             number=number, name=str(ds.get("BeamName", f"beam {number}")), machine=machine,
             gantry_num=(gantry_numbers or {}).get(machine),
             control_points=int(ds.get("NumberOfControlPoints", 0)),
-            delivery_dir=folder.name, layers=len(ptns)))
+            delivery_dir=folder.name, layers=layers))
+    if waiting:
+        more = f" (and {len(waiting) - 1} more missing or empty)" if len(waiting) > 1 else ""
+        raise CaseIncomplete(case, waiting[0] + more)
 
     manifest = {f.relative_to(case).as_posix(): ManifestEntry(size=f.stat().st_size,
                                                                sha256=sha256_file(f))

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+
 import pydicom
 import pytest
 
 from config import DEFAULT_PATH, load_config
-from demo.synthetic_case import BROKEN_KINDS, write_case
-from flows.case_inspection import CaseRejected, inspect_case, patient_hash, read_plan_info
+from demo.synthetic_case import BROKEN_KINDS, WAITING_KINDS, write_case
+from flows.case_inspection import (
+    CaseIncomplete,
+    CaseRejected,
+    content_signature,
+    inspect_case,
+    patient_hash,
+    read_plan_info,
+)
 
 CFG = load_config(DEFAULT_PATH)
 PATTERN = CFG.cases.id_pattern
@@ -59,6 +69,7 @@ def test_manifest_digest_follows_content(tmp_path):
     assert inspect(case).manifest_digest != first
 
 
+FIRST = "20250101120000" "00"  # the first delivery folder write_case makes
 REASONS = {
     "no_plan": "no RT Ion Plan",
     "two_plans": "more than one RT plan",
@@ -68,8 +79,21 @@ REASONS = {
     "planinfo_mismatch": "belongs to another patient",
     "symlink_escape": "outside is a symbolic link (to outside the case folder)",
     "bad_case_id": "does not match cases.id_pattern",
-    "empty_ptn": ".ptn is empty",
+    "empty_ptn": f"{FIRST}/PlanRange.txt row 1 (layer 1): the .ptn file it names is empty",
+    "no_planrange": f"{FIRST}/PlanRange.txt is missing",
+    "missing_ptn": f"{FIRST}/PlanRange.txt row 2 (layer 2): the .ptn file it names is missing",
+    "missing_mgn": f"{FIRST}/PlanRange.txt row 2 (layer 2): the .mgn file it names is missing",
+    "empty_mgn": f"{FIRST}/PlanRange.txt row 2 (layer 2): the .mgn file it names is empty",
 }
+
+
+def patient_ids(case) -> set[str]:
+    """Every patient id the case's PlanInfo files hold (DICOM and TCSC)."""
+    ids = set()
+    for info_file in case.glob("*/PlanInfo.txt"):
+        info = read_plan_info(info_file)
+        ids |= {info["DICOM_PATIENT_ID"], info["TCSC_PATIENT_ID"]}
+    return ids
 
 
 @pytest.mark.parametrize("kind", BROKEN_KINDS)
@@ -79,7 +103,105 @@ def test_every_broken_kind_is_refused_with_its_reason(tmp_path, kind):
     with pytest.raises(CaseRejected) as info:
         inspect(case, scan_root=tmp_path)
     assert REASONS[kind] in info.value.reason
+    # incomplete (may still arrive: the sensor waits) or refused for good, never both
+    assert info.value.waiting is (kind in WAITING_KINDS)
+    assert isinstance(info.value, CaseIncomplete) is (kind in WAITING_KINDS)
+    # the run that is given such a case refuses it all the same
+    assert "refused" in str(info.value)
+    # no patient id in what is said, although the .ptn/.mgn names carry them
+    ids = patient_ids(case)
+    assert ids and not [i for i in ids if i in str(info.value)], str(info.value)
     assert {p: p.stat().st_mtime_ns for p in case.rglob("*") if not p.is_symlink()} == before
+    # the kind survives the trip from the inspect task to the flow
+    again = pickle.loads(pickle.dumps(info.value))
+    assert (type(again), again.reason, again.waiting) == (type(info.value), info.value.reason,
+                                                         info.value.waiting)
+
+
+def test_missing_pieces_are_counted_and_a_refusal_wins_over_them(tmp_path):
+    case = write_case(tmp_path, "case-1", beams=2, layers=3)
+    folders = sorted(p for p in case.iterdir() if p.is_dir())
+    away = tmp_path / "away"
+    away.mkdir()
+    for layer_file in sorted(folders[1].glob("*.mgn"))[1:]:
+        layer_file.rename(away / layer_file.name)
+    with pytest.raises(CaseIncomplete) as info:
+        inspect(case)
+    assert info.value.reason == (f"{folders[1].name}/PlanRange.txt row 2 (layer 2): the .mgn "
+                                 f"file it names is missing (and 1 more missing or empty)")
+    for layer_file in away.iterdir():  # the pieces arrive: complete
+        layer_file.rename(folders[1] / layer_file.name)
+    assert [b.layers for b in inspect(case).beams] == [3, 3]
+    (folders[1] / "PlanInfo.txt").rename(away / "PlanInfo.txt")
+    with pytest.raises(CaseIncomplete, match=f"{folders[1].name}/PlanInfo.txt is missing"):
+        inspect(case)
+    # something that can never heal is said, whatever else is missing
+    text = (folders[0] / "PlanInfo.txt").read_text()
+    (folders[0] / "PlanInfo.txt").write_text(text.replace("DICOM_BEAM_NUMBER,2",
+                                                          "DICOM_BEAM_NUMBER,9"))
+    with pytest.raises(CaseRejected, match="names beam 9") as refused:
+        inspect(case)
+    assert not refused.value.waiting
+
+
+def test_a_planrange_that_can_never_be_right_is_refused(tmp_path):
+    case = write_case(tmp_path, "case-1", beams=1, layers=2)
+    folder = next(p for p in case.iterdir() if p.is_dir())
+    plan_range = folder / "PlanRange.txt"
+    rows = plan_range.read_text().splitlines()
+    ptn = rows[1].split(",")[2]
+    plan_range.write_text(rows[0].replace("PLAN_SCAN_OUT_FL_NM", "OTHER") + "\n")
+    with pytest.raises(CaseRejected, match="has no PLAN_SCAN_OUT_FL_NM column") as info:
+        inspect(case)
+    assert not info.value.waiting
+    plan_range.write_text(rows[0] + "\n")  # a header alone: the rows may still come
+    with pytest.raises(CaseIncomplete, match="lists no energy layer yet"):
+        inspect(case)
+    plan_range.write_text("\n".join([rows[0], rows[1].replace(ptn, "../" + ptn), rows[2]]))
+    with pytest.raises(CaseRejected, match="row 1 \\(layer 1\\): the .ptn file it names is "
+                                           "not a plain file name") as info:
+        inspect(case)
+    assert ptn not in str(info.value)
+    plan_range.write_text("\ufeff" + "\n".join(rows) + "\n")  # a BOM, as Windows writes
+    assert inspect(case).beams[0].layers == 2
+    (folder / ptn).unlink()
+    (folder / ptn).mkdir()
+    with pytest.raises(CaseRejected, match="row 1 \\(layer 1\\): the .ptn file it names is "
+                                           "not a regular file"):
+        inspect(case)
+
+
+def test_a_link_to_a_spot_log_is_named_without_the_file_name(tmp_path):
+    case = write_case(tmp_path, "case-1", beams=1, layers=2)
+    folder = next(p for p in case.iterdir() if p.is_dir())
+    ptn = sorted(folder.glob("*.ptn"))[1]
+    target = tmp_path / "elsewhere.ptn"
+    ptn.rename(target)
+    ptn.symlink_to(target)
+    with pytest.raises(CaseRejected) as info:
+        inspect(case)
+    assert info.value.reason == (f"{folder.name}: the .ptn file of layer 2 is a symbolic "
+                                 f"link (to outside the case folder); links are not accepted")
+
+
+def test_the_signature_follows_writes_not_reads(tmp_path):
+    case = write_case(tmp_path, "case-1", beams=1, layers=2)
+    first = content_signature(case, set())
+    for path in case.rglob("*"):
+        if path.is_file():
+            path.read_bytes()
+    inspect(case)
+    assert content_signature(case, set()) == first  # reading changes nothing
+    ptn = next(case.rglob("*.ptn"))
+    moved = ptn.with_name("x" + ptn.name)
+    ptn.rename(moved)  # same count, size and mtimes: the listing tells
+    renamed = content_signature(case, set())
+    assert renamed != first and renamed[:3] == first[:3]
+    moved.chmod(0)  # made unreadable (and later readable): a change too
+    assert content_signature(case, set()) != renamed
+    os.utime(moved, ns=(0, moved.stat().st_mtime_ns))  # only the access time
+    moved.chmod(0o644)
+    assert content_signature(case, {"_R"}) == content_signature(case, set())
 
 
 def test_a_case_folder_outside_the_scan_root_is_refused(tmp_path):
@@ -103,7 +225,10 @@ def test_planinfo_naming_a_setup_beam_and_a_ragged_ptn(tmp_path):
         inspect(case)
     (folder / "PlanInfo.txt").write_text(text.replace("DICOM_BEAM_NUMBER,1",
                                                       "DICOM_BEAM_NUMBER,2"))
-    with open(next(folder.glob("*.ptn")), "ab") as fh:
+    with open(sorted(folder.glob("*.ptn"))[0], "ab") as fh:
         fh.write(b"\x00\x01\x02")
-    with pytest.raises(CaseRejected, match="not whole rows"):
+    with pytest.raises(CaseRejected, match="row 1 \\(layer 1\\): the .ptn file it names is "
+                                           "not whole rows") as info:
         inspect(case)
+    assert not info.value.waiting
+    assert read_plan_info(folder / "PlanInfo.txt")["TCSC_PATIENT_ID"] not in str(info.value)
