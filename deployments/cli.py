@@ -6,6 +6,7 @@
     mqi run CASE_DIR [--workflow W]   process one case in the foreground
     mqi status [--failed] [--json]    one line per case, from the Prefect API
     mqi rerun CASE_ID | --all-failed  run failed cases again; finished stages are not repeated
+    mqi doctor [--config PATH]     check that everything a case needs is there and answers
 
 Exit status 0 means success. Every expected failure is an ``MqiError``: its
 message goes to stderr as ``mqi: <message>`` and its ``exit_status`` is the exit
@@ -134,6 +135,12 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from deployments.doctor import diagnose
+
+    return diagnose(load_config(config_file(args.config)))
+
+
 def _config_option(default: str) -> argparse.ArgumentParser:
     """A parent parser: the ``--config`` option every command that loads one shares."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -202,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all-failed", action="store_true",
                        help="every case whose newest run FAILED, CRASHED or was CANCELLED")
     rerun.add_argument("--force", action="store_true", help="also rerun a COMPLETED case")
+    _command(sub, "doctor", cmd_doctor, "check the key, host key, SSH login, tools, remote "
+             "work root, GPUs, local folders and Prefect API of a configuration", config)
     return parser
 
 
