@@ -2,11 +2,16 @@
 
 A case folder is complete when a ``_CASE_READY`` marker is in it, or when no
 file in it has changed for ``scanner.stability_seconds`` and inspection finds
-all its beam folders. Files still arriving over a network share never trigger
-a run. Each start carries an idempotency key made of the case id and a digest
-of the case's content: duplicate file events, the catch-up scan at start, a
-periodic rescan, a restarted sensor or a second sensor all name the same run,
-and Prefect creates it once. Changed content (a re-delivered beam) is a new key
+every file its plan and PlanRange.txt call for. Files still arriving over a
+network share never trigger a run; only writes count as activity (created,
+modified, moved, deleted, closed after writing), so a process that merely reads
+a case (a viewer, a backup, another sensor's inspection) never holds it back. A
+settled folder that cannot start is judged once per listing (names, sizes,
+times): it is inspected again only when that changes. Each start carries an
+idempotency key made of the case id and a digest of the case's content:
+duplicate file events, the catch-up scan at start, a periodic rescan, a
+restarted sensor or a second sensor all name the same run, and Prefect creates
+it once. Changed content (a re-delivered beam) is a new key
 and a new run.
 
     python -m deployments.sensor [--config PATH]
@@ -22,12 +27,29 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    EVENT_TYPE_CLOSED,
+    EVENT_TYPE_CREATED,
+    EVENT_TYPE_DELETED,
+    EVENT_TYPE_MODIFIED,
+    EVENT_TYPE_MOVED,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -35,8 +57,10 @@ from watchdog.observers.polling import PollingObserver
 from config import MqiConfig
 from flows.case_inspection import (
     CaseRejected,
+    Signature,
     content_digest,
     content_signature,
+    describe_file,
     inspect_case,
 )
 from flows.commands import CaseIdError, validate_case_id
@@ -52,6 +76,25 @@ log = logging.getLogger("mqi.sensor")
 StartCase = Callable[[str, str, str], str]
 """start(case_dir, case_id, idempotency_key) -> flow run id"""
 
+# What someone writing does. Opening, reading (inotify's access) and closing
+# without writing are someone reading: they are not activity.
+WRITE_EVENTS: tuple[type[FileSystemEvent], ...] = (
+    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, FileMovedEvent,
+    DirMovedEvent, FileDeletedEvent, DirDeletedEvent, FileClosedEvent)
+WRITE_EVENT_TYPES = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_MOVED,
+                               EVENT_TYPE_DELETED, EVENT_TYPE_CLOSED})
+
+
+@dataclass
+class Verdict:
+    """Why a settled folder was not started, and what it was judged on."""
+
+    seen: tuple[Signature, bool]  # the folder's listing, and whether the ready marker was there
+    last_event: float  # the candidate's last_event when judged
+    state: str  # waiting (a piece may still arrive), refused or unreadable
+    reason: str
+    listed_at: float  # when the listing was last found unchanged
+
 
 @dataclass
 class Candidate:
@@ -61,6 +104,15 @@ class Candidate:
     first_seen: float
     last_event: float
     reported: set[str] = field(default_factory=set)
+    verdict: Verdict | None = None
+    recheck: bool = False  # a rescan asks: did the listing change without an event?
+
+    def judged(self, now: float, relist_every: float) -> bool:
+        """True while the last verdict stands without a look: no event since, no rescan
+        asking, and its listing was compared less than ``relist_every`` ago."""
+        return self.verdict is not None and not self.recheck \
+            and self.last_event == self.verdict.last_event \
+            and now - self.verdict.listed_at < relist_every
 
 
 class PrefectStarter:
@@ -122,6 +174,18 @@ def _ask_again_soon(client: object) -> None:
         client._client._transport = BusyRetryTransport(inner)  # type: ignore[attr-defined]
 
 
+def _os_problem(case_dir: Path, exc: OSError) -> str:
+    """An OS error about a case's file, without the patient id a file name may carry."""
+    what = exc.strerror or type(exc).__name__
+    if exc.filename is None:
+        return what
+    path = Path(os.fsdecode(exc.filename))
+    for root in (case_dir, case_dir.resolve()):
+        with suppress(ValueError):
+            return f"{describe_file(path.relative_to(root))}: {what}"
+    return what
+
+
 def emit(event: str, case_id: str, **payload: object) -> None:
     """A Prefect event about a case (the automations' and the UI's view of the sensor)."""
     try:
@@ -139,6 +203,8 @@ class _Events(FileSystemEventHandler):
         self.sensor = sensor
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in WRITE_EVENT_TYPES:
+            return  # opened, accessed, closed without writing: someone only reading
         for path in (event.src_path, getattr(event, "dest_path", "")):
             if path:
                 self.sensor.touch(os.fsdecode(path))
@@ -154,7 +220,7 @@ class CaseSensor:
         self.start_case = start or PrefectStarter()
         self.clock = clock
         self.candidates: dict[str, Candidate] = {}
-        self.started: dict[str, tuple[tuple[int, int, int], str]] = {}  # name -> (sig, key)
+        self.started: dict[str, tuple[Signature, str]] = {}  # name -> (signature, key)
         self._lock = threading.Lock()
         self._observer: BaseObserver | None = None
         self._last_rescan = 0.0
@@ -193,6 +259,8 @@ class CaseSensor:
             for name in names:
                 # No event time: stability is judged from the files' own mtimes.
                 self.candidates.setdefault(name, Candidate(name, now, float("-inf")))
+            for cand in self.candidates.values():
+                cand.recheck = True  # a judged folder's listing is compared once more
 
     def _say_root_problem(self, message: str) -> None:
         if self._root_problem != message:
@@ -220,9 +288,33 @@ class CaseSensor:
             log.warning(message, *args)
             emit(f"mqi.case.{kind}", cand.name, message=message % args)
 
+    def _report_verdict(self, cand: Candidate, case_id: str) -> None:
+        """Say why a settled case does not start: unreadable at once, the rest once it lasts."""
+        verdict = cand.verdict
+        assert verdict is not None
+        if verdict.state == "unreadable":
+            self._report_once(cand, "unreadable", "case %s cannot be read: %s", case_id,
+                              verdict.reason)
+            return
+        waited = self.clock() - cand.first_seen
+        if waited < self.cfg.scanner.incomplete_report_after_seconds:
+            return
+        if verdict.state == "waiting":
+            self._report_once(cand, "incomplete", "case %s is still incomplete after %.0f s: "
+                              "%s", case_id, waited, verdict.reason)
+        else:
+            self._report_once(cand, "refused", "case %s refused: %s", case_id, verdict.reason)
+
     def _consider(self, name: str) -> bool:
         """True when the candidate is settled (started, unchanged, gone or refused)."""
         cand = self.candidates[name]
+        # Nothing written since it was judged: no need to look. The listing (stats, no
+        # reads) is still compared once a stability window, for the writes no event
+        # tells of: watchdog's inotify observer does not watch inside a folder that was
+        # moved into the scan root, the usual way a finished copy is delivered.
+        if cand.judged(self.clock(), self.cfg.scanner.stability_seconds):
+            self._report_verdict(cand, name)
+            return False
         case_dir = self.root / name
         scanner = self.cfg.scanner
         if not case_dir.is_dir() or case_dir.is_symlink():
@@ -239,34 +331,58 @@ class CaseSensor:
         try:
             signature = content_signature(case_dir, ignore)
         except OSError as exc:
-            self._report_once(cand, "unreadable", "case %s cannot be read: %s", case_id, exc)
+            self._report_once(cand, "unreadable", "case %s cannot be read: %s", case_id,
+                              _os_problem(case_dir, exc))
             return False
         done = self.started.get(name)
         if done is not None and done[0] == signature:
             return True  # already started for exactly this content
         marker = (case_dir / scanner.ready_marker).exists()
-        now = self.clock()
-        if not marker:
-            quiet_since_event = now - cand.last_event
-            quiet_since_write = time.time() - signature[2] / 1e9
-            if min(quiet_since_event, quiet_since_write) < scanner.stability_seconds:
+        event_at = cand.last_event
+        seen = (signature, marker)
+        if cand.verdict is None or cand.verdict.seen != seen:  # new content
+            if not marker and min(self.clock() - event_at,
+                                  time.time() - signature.newest_ns / 1e9) \
+                    < scanner.stability_seconds:
                 return False  # still arriving
-            try:
+            state, said = self._judge(case_dir, case_id, marker, ignore)
+            if state == "start":
+                cand.verdict = None
+                return self._start(cand, case_dir, case_id, said, signature, marker)
+            cand.verdict = Verdict(seen, event_at, state, said, self.clock())
+        # The same listing as judged (a rescan, an event that changed nothing): the same
+        # verdict, until the next write.
+        cand.verdict.last_event = event_at
+        cand.verdict.listed_at = self.clock()
+        cand.recheck = False
+        self._report_verdict(cand, case_id)
+        return False
+
+    def _judge(self, case_dir: Path, case_id: str, marker: bool,
+               ignore: set[str]) -> tuple[str, str]:
+        """("start", run key), or why not: ("waiting" | "refused" | "unreadable", reason).
+
+        With the ready marker the case is not inspected here (its run does it); without
+        it, inspection must accept it. The key names the content, read whole.
+        """
+        try:
+            if not marker:
                 inspect_case(case_dir, id_pattern=self.cfg.cases.id_pattern,
                              scan_root=self.root, ignore=ignore)
-            except CaseRejected as exc:
-                if now - cand.first_seen >= scanner.incomplete_report_after_seconds:
-                    self._report_once(cand, "incomplete", "case %s is still incomplete after "
-                                      "%.0f s: %s", case_id, now - cand.first_seen, exc.reason)
-                return False
-        try:
             digest = content_digest(case_dir, ignore)
+        except CaseRejected as exc:  # incomplete (may still arrive) or refused for good
+            return ("waiting" if exc.waiting else "refused"), exc.reason
         except OSError as exc:
-            self._report_once(cand, "unreadable", "case %s cannot be read: %s", case_id, exc)
-            return False
-        if content_signature(case_dir, ignore) != signature:
-            return False  # changed while we hashed it: look again later
-        key = f"{case_id}:{digest[:32]}"
+            return "unreadable", _os_problem(case_dir, exc)
+        return "start", f"{case_id}:{digest[:32]}"
+
+    def _start(self, cand: Candidate, case_dir: Path, case_id: str, key: str,
+               signature: Signature, marker: bool) -> bool:
+        """Create the run for ``key``; True when it exists (now or from before)."""
+        name = cand.name
+        if content_signature(case_dir, {self.cfg.scanner.ready_marker}) != signature:
+            return False  # changed while we read it: look again later
+        done = self.started.get(name)
         if done is not None and done[1] == key:
             self.started[name] = (signature, key)
             return True
@@ -280,8 +396,9 @@ class CaseSensor:
         cand.reported.discard("start-failed")
         self.started[name] = (signature, key)
         log.info("case %s complete (%s): flow run %s (created in %.2f s)", case_id,
-                 "ready marker" if marker else f"quiet for {scanner.stability_seconds:g} s",
-                 run_id, time.monotonic() - asked)
+                 "ready marker" if marker else
+                 f"quiet for {self.cfg.scanner.stability_seconds:g} s", run_id,
+                 time.monotonic() - asked)
         return True
 
     # ---------------------------------------------------------------- lifecycle
@@ -295,7 +412,9 @@ class CaseSensor:
             observer: BaseObserver = \
                 PollingObserver(timeout=self.cfg.scanner.polling_interval_seconds) \
                 if self.cfg.scanner.observer == "polling" else Observer()
-            observer.schedule(_Events(self), str(self.root), recursive=True)
+            # Only writes wake the observer: inotify is not even asked for reads.
+            observer.schedule(_Events(self), str(self.root), recursive=True,
+                              event_filter=list(WRITE_EVENTS))
             try:
                 observer.start()
             except OSError as exc:  # inotify watch limit, root vanished in between

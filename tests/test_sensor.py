@@ -21,6 +21,7 @@ from config import DEFAULT_PATH
 from config.loader import parse_config
 from demo.synthetic_case import write_case
 from deployments.sensor import CaseSensor
+from flows.case_inspection import read_plan_info
 from flows.naming import run_name
 from tests.support.pipeline import REPO, wait_for
 
@@ -155,10 +156,91 @@ def test_bad_names_deleted_folders_and_a_thousand_folders_at_once(api, tmp_path,
     for name in ("with space", "ünïcødé", "$(touch pwned);x", "semi;colon"):
         assert sum(name in m for m in refused) == 1, (name, refused)
     assert not (root / "pwned").exists() and not Path("pwned").exists()
-    incomplete = [r.message for r in caplog.records if "still incomplete" in r.message]
-    assert any("bulk-0000" in m for m in incomplete)
-    assert sum("bulk-0000" in m for m in incomplete) == 1  # reported once, not in a loop
+    # no plan can never start as it is: refused (and said once), not "incomplete"
+    assert sum("bulk-0000" in m and "no RT Ion Plan" in m for m in refused) == 1, refused
+    assert not [r for r in caplog.records if "still incomplete" in r.message]
     assert runs_of("vanishing") == [] and runs_of("bulk-0001") == []
+
+
+def test_a_reader_does_not_hold_a_case_back(api, tmp_path):
+    """Opening, reading and closing files (a viewer, a backup) is not activity: the run
+    starts one stability window after the last write, while the reader still reads."""
+    root = tmp_path / "scan"
+    root.mkdir()
+    stability = 1.0
+    reads = 0
+    stop = threading.Event()
+
+    def read_all() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            for path in (root / "read-while-settling").rglob("*"):
+                if path.is_file():
+                    path.read_bytes()
+                    reads += 1
+            time.sleep(0.02)
+
+    with Running(sensor_config(root, stability_seconds=stability)):
+        time.sleep(0.5)  # watching
+        # written in place, as a share writes: watchdog watches a folder moved in
+        # without asking inotify for its reads, which would prove nothing here
+        write_case(root, "read-while-settling", beams=2, layers=3, seed=6)
+        last_write = time.time()
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        try:
+            runs = wait_for(lambda: runs_of("read-while-settling"), stability + 5,
+                            "the run while a reader reads the case")
+        finally:
+            stop.set()
+            reader.join(5)
+    took = runs[0].created.timestamp() - last_write
+    assert reads > 20, reads
+    assert took < stability + 1.5, f"started {took:.2f} s after the last write"
+
+
+def test_a_case_missing_a_file_its_planrange_names_waits_for_it(api, tmp_path, caplog):
+    """Settled but missing a .ptn that PlanRange.txt names: no run, said once (without
+    the patient ids the file names carry), not inspected again while nothing changes;
+    one run once the file arrives. The folder is moved in, so no file event tells of
+    the arrival (watchdog does not watch inside a moved-in folder) and the periodic
+    rescan is far off: the sensor's own look at the listing finds it."""
+    root = tmp_path / "scan"
+    root.mkdir()
+    name = "waits-for-ptn"
+    cfg = sensor_config(root, incomplete_report_after_seconds=2.0)
+    assert cfg.scanner.rescan_interval_seconds >= 60
+    with caplog.at_level(logging.INFO, logger="mqi.sensor"), Running(cfg) as running:
+        time.sleep(0.5)  # watching
+        staged = write_case(tmp_path / "staging", name, beams=2, layers=3, spots_per_layer=10,
+                            broken="missing_ptn")
+        os.replace(staged, root / name)
+        case = root / name
+
+        def verdict():
+            cand = running.sensor.candidates.get(name)
+            return cand and cand.verdict
+
+        first = wait_for(verdict, 10, "the case to be judged")
+        folder = sorted(p for p in case.iterdir() if p.is_dir())[0]
+        assert (first.state, first.reason) == (
+            "waiting", f"{folder.name}/PlanRange.txt row 2 (layer 2): the .ptn file it names "
+                       f"is missing")
+        time.sleep(2.5)  # past incomplete_report_after_seconds; ticks and listings go by
+        assert verdict() is first  # the same listing: not judged again
+        assert runs_of(name) == []
+
+        layer_2 = (folder / "PlanRange.txt").read_text().splitlines()[2].split(",")
+        (folder / layer_2[2]).write_bytes(bytes(16 * 10))  # the missing spot log arrives
+        wait_for(lambda: runs_of(name), 10, "the run once the file arrived")
+        time.sleep(1.5)  # events, ticks and rescans after the start
+    assert len(runs_of(name)) == 1
+    said = [r.getMessage() for r in caplog.records]
+    incomplete = [m for m in said if "still incomplete" in m]
+    assert len(incomplete) == 1 and first.reason in incomplete[0], said
+    ids = {v for k, v in read_plan_info(folder / "PlanInfo.txt").items()
+           if k in ("DICOM_PATIENT_ID", "TCSC_PATIENT_ID")}
+    assert len(ids) == 2 and not [m for m in said if any(i in m for i in ids)], said
 
 
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
