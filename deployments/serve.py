@@ -1,7 +1,7 @@
 """Serve every deployment of MQI Communicator from one process (started by `mqi up`).
 
-Adding a deployment is one line in DEPLOYMENTS: the scheduled housekeeping
-flows join the case pipeline here (add_flow takes cron= / interval= too).
+It serves what deployments/definitions.py describes, except a deployment that
+`prefect deploy` put on a work pool: that one belongs to the workers.
 
     python -m deployments.serve [--config PATH]
 """
@@ -11,33 +11,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.definitions import DEPLOYMENTS, DeploymentSpec
 from deployments.supervisor import announce_ready
-from flows.naming import DEPLOYMENT_NAME, SYSTEM_TAG
 
 
-@dataclass(frozen=True)
-class Served:
-    """A flow served as a deployment: where it lives and Runner.add_flow's arguments."""
+def owned_by_workers(client: Any, spec: DeploymentSpec) -> str | None:
+    """The work pool of ``spec``'s deployment when `prefect deploy` registered it there.
 
-    module: str
-    flow: str
-    options: dict[str, Any] = field(default_factory=dict)
+    Such a deployment belongs to the workers: serving it would rewrite it (work
+    pool, entrypoint and parameters gone) and take its runs away from them.
+    """
+    from prefect.exceptions import ObjectNotFound
 
-    def load(self) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(self.module), self.flow)
-
-
-DEPLOYMENTS: list[Served] = [
-    Served("flows.process_case", "process_case", {
-        "name": DEPLOYMENT_NAME, "tags": [SYSTEM_TAG],
-        "description": "One case folder end to end (started by the sensor or `mqi run`)."}),
-]
+    try:
+        deployment = client.read_deployment_by_name(spec.full_name)
+    except ObjectNotFound:
+        return None
+    return deployment.work_pool_name or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.exceptions import TerminationSignal
     from prefect.runner import Runner
 
-    from config import get_config
+    from config import ENV_VAR, get_config
 
     config = get_config(args.config)
+    # The flow runs started from here load the configuration `mqi up` published
+    # (flows/settings.py), exactly as a worker's do: the file path stays with us.
+    os.environ.pop(ENV_VAR, None)
     if config.prefect.warm_start:
         from deployments import warm_start
 
@@ -65,20 +62,33 @@ def main(argv: list[str] | None = None) -> int:
     # add_flow (not serve(deployment)) keeps the flow object in the runner, so a run
     # is started from it directly (multiprocessing, warm when enabled) rather than
     # through `python -m prefect.engine`, which imports everything again.
-    for served in DEPLOYMENTS:
-        runner.add_flow(served.load(), **served.options)
+    from prefect.client.orchestration import get_client
+    from prefect.types.entrypoint import EntrypointType
+
+    served: list[str] = []
+    with get_client(sync_client=True) as client:
+        for spec in DEPLOYMENTS:
+            pool = owned_by_workers(client, spec)
+            if pool is not None:
+                print(f"{spec.full_name} is deployed on work pool {pool!r}: its runs go to "
+                      f"the workers there; not served here", flush=True)
+                continue
+            runner.add_flow(spec.load(), name=spec.name, tags=list(spec.tags),
+                            description=spec.description, parameters=spec.parameters,
+                            entrypoint_type=EntrypointType.MODULE_PATH, **spec.schedule)
+            served.append(spec.full_name)
     with contextlib.suppress(KeyboardInterrupt, TerminationSignal):
-        asyncio.run(_run(runner))
+        asyncio.run(_run(runner, served))
     return 0
 
 
-async def _run(runner: Any) -> None:
+async def _run(runner: Any, served: list[str]) -> None:
     async def announce() -> None:
         while not runner.started:
             await asyncio.sleep(0.05)
         announce_ready()
-        print(f"serving {', '.join(s.options.get('name', s.flow) for s in DEPLOYMENTS)}; "
-              f"polling every {runner.query_seconds:g} s", flush=True)
+        print(f"serving {', '.join(served) or 'nothing (every deployment is on a work pool)'}"
+              f"; polling every {runner.query_seconds:g} s", flush=True)
 
     watcher = asyncio.create_task(announce())
     try:
