@@ -27,6 +27,7 @@ _WHERE = {
     "LocalHost": "blocks.local_host",
     "RemoteHost": "blocks.remote_host",
     "GpuPool": "blocks.gpu_pool",
+    "PublishedConfig": "blocks.published_config",
 }
 
 __all__ = sorted(_WHERE)

@@ -69,6 +69,14 @@ class PrefectSettings(Section):
     warm_start: bool = Field(
         default=True, description="Fork each flow run from a process that has already "
         "imported the pipeline, instead of starting a fresh interpreter (~2 s) per case.")
+    result_storage: LocalPath | None = Field(
+        default=None, description="Folder of the stage results every process (serve, "
+        "workers, the CLI) reuses; null: <data_dir>/prefect/storage. Several machines: a "
+        "folder all of them mount at the same path.")
+    result_storage_block: str | None = Field(
+        default=None, pattern=r"^[a-z0-9-]+/[a-z0-9-]+$",
+        description="A Prefect filesystem block ('<type-slug>/<name>', e.g. "
+        "remote-file-system/mqi-results) to keep the results in instead of a folder.")
 
     @field_validator("database_url")
     @classmethod

@@ -5,7 +5,8 @@
     mqi demo [--once]              the system on the demo profile, with one synthetic case
     mqi run CASE_DIR [--workflow W]   process one case in the foreground
     mqi status [--failed] [--json]    one line per case, from the Prefect API
-    mqi rerun CASE_ID | --all-failed  run failed cases again; finished stages are not repeated
+    mqi rerun CASE_ID | --all-failed  retry failed runs on serve/workers; finished stages reused
+    mqi deploy [--config PATH]     publish the blocks, create the work pool, deploy for workers
     mqi doctor [--config PATH]     check that everything a case needs is there and answers
 
 Exit status 0 means success. Every expected failure is an ``MqiError``: its
@@ -92,7 +93,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     from deployments.up import run_system
 
     path = config_file(args.config)
-    run_system(load_config(path), path)
+    cfg = load_config(path)
+    if args.only:
+        # e.g. the sensor alone, on the machine that sees the scan root, beside workers
+        cfg = cfg.model_copy(update={"processes": cfg.processes.model_copy(
+            update={"start": list(dict.fromkeys(args.only))})})
+    run_system(cfg, path)
     return 0
 
 
@@ -131,7 +137,26 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
     use_config(config_file(args.config))
     rerun(chosen_for_rerun(None if args.all_failed else args.case_id, force=args.force),
-          args.workflow)
+          args.workflow, wait=not args.no_wait)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from deployments import server
+
+    path = config_file(args.config)
+    cfg = load_config(path)
+    api = cfg.prefect.effective_api_url
+    if not server.is_healthy(api):
+        raise server.ServerError(f"the Prefect API at {api} does not answer: start it (or "
+                                 f"`mqi up`), or set prefect.api_url")
+    os.environ.update(server.client_env(cfg))  # before Prefect is imported
+    from deployments.deploy import deploy
+
+    for line in deploy(cfg, path):
+        print(line)
+    print("workers: PREFECT_API_URL=" + cfg.prefect.effective_api_url +
+          " prefect worker start --pool mqi-process")
     return 0
 
 
@@ -182,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", help=f"the file (default: ${ENV_VAR}, else the "
                                                f"bundled config.default.yaml)")
 
-    _command(sub, "up", cmd_up, "start the system on this machine: server, serve and sensor, "
-             "supervised until Ctrl+C", config)
+    up = _command(sub, "up", cmd_up, "start the system on this machine: server, serve and "
+                  "sensor, supervised until Ctrl+C", config)
+    up.add_argument("--only", action="append", choices=["server", "serve", "sensor"],
+                    help="start only this part (repeatable); default: processes.start")
 
     demo = _command(sub, "demo", cmd_demo, "start the system on the demo profile, process one "
                     "synthetic case, and keep running",
@@ -209,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all-failed", action="store_true",
                        help="every case whose newest run FAILED, CRASHED or was CANCELLED")
     rerun.add_argument("--force", action="store_true", help="also rerun a COMPLETED case")
+    rerun.add_argument("--no-wait", action="store_true",
+                       help="return once the runs are scheduled instead of following them")
+    _command(sub, "deploy", cmd_deploy, "for workers: publish the configuration, host and "
+             "result-storage blocks, create the work pool and deploy every deployment on it",
+             config)
     _command(sub, "doctor", cmd_doctor, "check the key, host key, SSH login, tools, remote "
              "work root, GPUs, local folders and Prefect API of a configuration", config)
     return parser

@@ -27,6 +27,8 @@ class CaseStatus:
     reason: str | None
     flow_run_id: str
     case_dir: str | None
+    attempts: int = 1
+    """How often this flow run ran: `mqi rerun` retries the same run."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +98,8 @@ def case_statuses(only_failed: bool = False, limit: int = 2000) -> list[CaseStat
                 started=run.start_time.isoformat(timespec="seconds") if run.start_time else None,
                 duration_s=round(duration, 1) if duration is not None else None,
                 reason=reason, flow_run_id=str(run.id),
-                case_dir=(run.parameters or {}).get("case_dir")))
+                case_dir=(run.parameters or {}).get("case_dir"),
+                attempts=max(1, run.run_count or 1)))
         return out
 
 
@@ -109,6 +112,7 @@ def format_table(rows: list[CaseStatus], only_failed: bool = False) -> str:
         reason = (r.reason or "").splitlines()[0][:120] if r.reason else ""
         duration = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
         gpus = ", ".join(g.replace("beam ", "b").replace(": GPU ", "→") for g in r.gpus) or "-"
-        lines.append(f"{r.case_id:<34} {r.status:<26} {gpus:<22} {r.started or '-':<20} "
+        status = r.status if r.attempts == 1 else f"{r.status} (try {r.attempts})"
+        lines.append(f"{r.case_id:<34} {status:<26} {gpus:<22} {r.started or '-':<20} "
                      f"{duration:>9}  {reason}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from uuid import UUID
 from blocks import procfs
 from config import MqiConfig, MqiError
 from deployments import server
+from deployments.publish import publish
 from deployments.supervisor import Child, ChildFailed, Supervisor
 
 log = logging.getLogger("mqi.up")
@@ -201,22 +202,6 @@ def release_orphaned_gpu_slots(cfg: MqiConfig) -> int:
     return released
 
 
-def register_blocks(cfg: MqiConfig) -> None:
-    """Make the blocks visible in the UI: their types, and the GPU pool and host as
-    configured. A host with secrets is not saved: its secrets stay in the environment."""
-    from blocks import LocalHost, RemoteHost
-    from blocks.factory import gpu_host, gpu_pool
-    from blocks.gpu_pool import GpuPool
-
-    for cls in (RemoteHost, LocalHost, GpuPool):
-        cls.register_type_and_schema()
-    gpu_pool(cfg).save("mqi-gpu-pool", overwrite=True)
-    host = gpu_host(cfg)
-    secrets = any(getattr(host, f, None) for f in ("password", "private_key", "passphrase"))
-    if isinstance(host, RemoteHost | LocalHost) and not secrets:
-        host.save("mqi-gpu-host", overwrite=True)
-
-
 def prepare_gpu_limit(cfg: MqiConfig) -> str | None:
     """Size the GPU admission limit now; a message when the GPU host cannot be read."""
     from blocks.factory import gpu_host, gpu_pool
@@ -247,10 +232,8 @@ def bring_up(cfg: MqiConfig, config_file: Path) -> Supervisor:
         if not server.is_healthy(cfg.prefect.effective_api_url):
             raise server.ServerError(
                 f"the Prefect API at {cfg.prefect.effective_api_url} is not reachable")
-        try:
-            register_blocks(cfg)
-        except Exception as exc:  # noqa: BLE001 - the UI view is a courtesy
-            log.warning("could not register the blocks: %s", exc)
+        # Flow runs load these, not the YAML: without them no case can run.
+        log.info("published %s", ", ".join(publish(cfg, config_file)))
         problem = prepare_gpu_limit(cfg)
         if problem:
             print(f"warning: {problem}", file=sys.stderr)

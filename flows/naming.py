@@ -35,6 +35,11 @@ def case_id_from_run_name(name: str) -> str | None:
     return name.removeprefix(RUN_PREFIX)
 
 
+def run_key(case_id: str, digest: str) -> str:
+    """The idempotency key of a case's run: the same content never starts a second run."""
+    return f"{case_id}:{digest[:32]}"
+
+
 def case_tag(case_id: str) -> str:
     """``case:<case_id>``: the tag a dashboard filters one case's runs by."""
     return f"case:{case_id}"
@@ -69,3 +74,13 @@ def report_artifact_key(case_id: str) -> str:
     """The report artifact's key: Prefect allows lowercase letters, digits and dashes."""
     slug = re.sub(r"[^a-z0-9-]+", "-", case_id.lower()).strip("-")[:60] or "case"
     return f"case-{slug}"
+
+
+# Blocks `mqi up` / `mqi deploy` publish and every flow run loads (flows/settings.py).
+CONFIG_BLOCK = "mqi-config"
+"""An MQI Configuration block: the validated configuration (no secrets, only their names)."""
+HOST_BLOCK = "mqi-gpu-host"
+"""The GPU host: an MQI Remote Host or MQI Local Host block, secrets as SecretStr."""
+POOL_BLOCK = "mqi-gpu-pool"
+RESULTS_BLOCK = "mqi-results"
+"""A local-file-system block: where stage results are kept for every process."""

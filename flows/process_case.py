@@ -20,8 +20,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
-from blocks.factory import gpu_host, gpu_pool
-from config import MqiConfig, get_config
+from blocks.factory import gpu_pool
+from config import MqiConfig
 from config.models import BEAM_STEPS, GPU_STEP
 from flows.case_inspection import CaseInfo
 from flows.commands import CaseIdError, render_step_command, validate_case_id
@@ -35,6 +35,7 @@ from flows.naming import (
     run_name,
 )
 from flows.outcomes import CaseFailed, CaseOutcome, SimulationOutcome, StageFailed
+from flows.settings import flow_config, flow_host, result_storage
 from flows.stages import (
     beam_step,
     case_step,
@@ -54,7 +55,9 @@ def _options(cfg: MqiConfig, step: str) -> dict[str, Any]:
     delay = policy.retry_delay_seconds or 0
     factor = policy.backoff_factor or 1
     return {"retries": retries,
-            "retry_delay_seconds": [delay * factor ** i for i in range(retries)] or 0}
+            "retry_delay_seconds": [delay * factor ** i for i in range(retries)] or 0,
+            # One result store for every process that may run or rerun this case.
+            "result_storage": result_storage(cfg)}
 
 
 # ------------------------------------------------------------------------- hooks
@@ -68,14 +71,14 @@ def kill_remote_processes(flow: Any, flow_run: Any, state: Any) -> None:
     running it twice is harmless.
     """
     logger = logging.getLogger("mqi.process_case")
-    cfg = get_config()
+    cfg = flow_config(str(flow_run.id))
     case_id = Path(str(flow_run.parameters.get("case_dir", ""))).name
     try:
         validate_case_id(case_id, cfg.cases.id_pattern)
     except CaseIdError:
         return
     layout = remote_layout(cfg, case_id)
-    host = gpu_host(cfg)
+    host = flow_host(cfg)
     listed = host.run(f"ls -1 -- {shlex.quote(layout.pid_dir)}", check=False, stream=False)
     for name in listed.stdout.split():
         if name.endswith(".pid"):
@@ -89,7 +92,7 @@ def _run_name() -> str:
 
     name = Path(str(flow_run.parameters.get("case_dir", ""))).name
     try:
-        return run_name(validate_case_id(name, get_config().cases.id_pattern))
+        return run_name(validate_case_id(name, flow_config().cases.id_pattern))
     except CaseIdError:
         return INVALID_RUN_NAME  # never put an unchecked folder name anywhere
 
@@ -100,7 +103,7 @@ def _run_name() -> str:
 def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
     """Process one case folder end to end. Fails with the stage, beam and reason."""
     started = time.time()
-    cfg = get_config()
+    cfg = flow_config()
     logger = get_run_logger()
     if workflow not in cfg.workflows:
         raise ValueError(f"no workflow {workflow!r} (configured: {', '.join(cfg.workflows)})")
@@ -124,7 +127,7 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
             continue
         if GPU_STEP in steps[i:] and not sims:
             # Size the GPU limits to what the host has now (idempotent, cheap).
-            gpu_pool(cfg).ensure_limit(gpu_host(cfg))
+            gpu_pool(cfg).ensure_limit(flow_host(cfg))
         chain = []  # consecutive per-beam steps run as one chain per beam, beams in parallel
         while i < len(steps) and steps[i] in BEAM_STEPS:
             chain.append(steps[i])
@@ -139,7 +142,7 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
     files = verify_stage(case_id, beams)
     report = report_stage(info, workflow, sims, files, started)
     if cfg.paths.clean_remote_work_dir:
-        gpu_host(cfg).run(f"rm -rf -- {shlex.quote(layout.work_dir)}", stream=False,
+        flow_host(cfg).run(f"rm -rf -- {shlex.quote(layout.work_dir)}", stream=False,
                           check=False)
     logger.info("case %s COMPLETED%s: results in %s", case_id,
                 " (SIMULATED)" if cfg.simulated else "", results_dir(cfg, case_id))
@@ -200,7 +203,7 @@ def _tag_run(info: CaseInfo) -> None:
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    cfg = get_config()
+    cfg = flow_config()
     tags = {case_tag(info.case_id)}
     if cfg.cases.patient_id_in_logs == "hash":
         tags.add(patient_tag(info.patient_hash))

@@ -18,9 +18,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from blocks.factory import gpu_host, gpu_pool
+from blocks.factory import gpu_pool
 from blocks.gpu_pool import LOCK_BUSY_EXIT
-from config import get_config
 from config.models import GPU_STEP
 from flows.caching import StageIdentity
 from flows.case_inspection import Beam, CaseInfo, inspect_case
@@ -36,12 +35,13 @@ from flows.outcomes import (
 )
 from flows.remote_stage import moqui_verdict, run_remote
 from flows.reporting import ProgressReporter, render_report
+from flows.settings import flow_config, flow_host
 
 
 @task(name="inspect")
 def inspect_stage(case_dir: str) -> CaseInfo:
     """Read and check the case folder here, before anything leaves the machine."""
-    cfg = get_config()
+    cfg = flow_config()
     # A folder named inside the scan root must really be there (no link, no ..);
     # `mqi run` may also process a folder from anywhere else, as given.
     in_scan_root = Path(case_dir).absolute().parent == Path(
@@ -61,9 +61,9 @@ def inspect_stage(case_dir: str) -> CaseInfo:
 @task(name="upload", cache_policy=StageIdentity(exclude=("case_dir",)), persist_result=True)
 def upload_stage(case_dir: str, case_id: str, digest: str, remote_dir: str) -> UploadOutcome:
     """Send the case to ``remote_dir``; the same content there again is not sent again."""
-    cfg = get_config()
+    cfg = flow_config()
     layout = remote_layout(cfg, case_id)
-    host = gpu_host(cfg)
+    host = flow_host(cfg)
     host.run(f"mkdir -p -- {shlex.quote(layout.pid_dir)} {shlex.quote(layout.log_dir)}",
              stream=False)
     result = host.upload(case_dir, remote_dir)
@@ -78,8 +78,8 @@ def upload_stage(case_dir: str, case_id: str, digest: str, remote_dir: str) -> U
       persist_result=True)
 def case_step(step: str, case_id: str, digest: str, command: str) -> StepOutcome:
     """A workflow step that runs once per case (``run_interpreter``)."""
-    cfg = get_config()
-    result = run_remote(gpu_host(cfg), cfg, remote_layout(cfg, case_id), step, command)
+    cfg = flow_config()
+    result = run_remote(flow_host(cfg), cfg, remote_layout(cfg, case_id), step, command)
     return StepOutcome(step=step, seconds=result.duration)
 
 
@@ -88,15 +88,15 @@ def case_step(step: str, case_id: str, digest: str, command: str) -> StepOutcome
 def beam_step(step: str, case_id: str, digest: str, beam_number: int,
               command: str) -> StepOutcome:
     """A workflow step that runs once per beam and needs no GPU (``convert_to_dicom``)."""
-    cfg = get_config()
-    result = run_remote(gpu_host(cfg), cfg, remote_layout(cfg, case_id), step, command,
+    cfg = flow_config()
+    result = run_remote(flow_host(cfg), cfg, remote_layout(cfg, case_id), step, command,
                         beam=beam_number)
     return StepOutcome(step=step, seconds=result.duration, beam=beam_number)
 
 
 def simulation_recipe(inputs: Mapping[str, Any]) -> str:
     """What a beam's simulation computes, with the GPU left open: any GPU will do."""
-    cfg = get_config()
+    cfg = flow_config()
     layout = remote_layout(cfg, inputs["case_id"])
     return render_simulation(cfg, layout, inputs["beam"], "{gpu}").recipe
 
@@ -122,10 +122,10 @@ def simulate_beam(case_id: str, digest: str, beam: Beam) -> SimulationOutcome:
     index is chosen among free GPUs and held by a ``flock`` on the GPU host,
     so losing a race for an index means choosing again, never sharing one.
     """
-    cfg = get_config()
+    cfg = flow_config()
     logger = get_run_logger()
     layout = remote_layout(cfg, case_id)
-    host = gpu_host(cfg)
+    host = flow_host(cfg)
     pool = gpu_pool(cfg)
     waited_from = time.monotonic()
     with pool.admission(logger):
@@ -160,9 +160,9 @@ def simulate_beam(case_id: str, digest: str, beam: Beam) -> SimulationOutcome:
 def download_stage(case_id: str, digest: str, steps: tuple[str, ...],
                    beams: tuple[int, ...]) -> DownloadOutcome:
     """Bring the RT Dose files of every beam back into the case's results folder."""
-    cfg = get_config()
+    cfg = flow_config()
     layout = remote_layout(cfg, case_id)
-    result = gpu_host(cfg).download(layout.dicom_root, results_dir(cfg, case_id) / "dicom")
+    result = flow_host(cfg).download(layout.dicom_root, results_dir(cfg, case_id) / "dicom")
     get_run_logger().info("download: %d file(s), %.1f MB in %.2f s", len(result.files),
                           result.bytes / 1e6, result.seconds)
     return DownloadOutcome(checksums=result.checksums, seconds=result.seconds)
@@ -175,7 +175,7 @@ def verify_stage(case_id: str, beams: list[int]) -> dict[str, dict[str, str]]:
 
     from blocks.manifest import sha256_file
 
-    cfg = get_config()
+    cfg = flow_config()
     out: dict[str, dict[str, str]] = {}
     for beam in beams:
         folder = results_dir(cfg, case_id) / "dicom" / f"beam_{beam}"
@@ -196,7 +196,7 @@ def verify_stage(case_id: str, beams: list[int]) -> dict[str, dict[str, str]]:
 def report_stage(info: CaseInfo, workflow: str, sims: dict[int, SimulationOutcome],
                  files: dict[str, dict[str, str]], started: float) -> str:
     """Write report.md into the results folder and the same text as an artifact."""
-    cfg = get_config()
+    cfg = flow_config()
     text = render_report(cfg, info, workflow, sims, files, time.time() - started)
     target = results_dir(cfg, info.case_id) / "report.md"
     target.write_text(text)

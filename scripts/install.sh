@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install MQI Communicator into ./.venv (created with python3 >= 3.11 if missing).
 #   scripts/install.sh          the application
-#   scripts/install.sh test     plus what the test suite needs (pytest, ruff, and
-#                               OpenSSH's sshd for the integration tests)
+#   scripts/install.sh test     plus what the test suite needs (pytest, ruff, mypy,
+#                               OpenSSH's sshd and PostgreSQL for the integration tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,12 +12,20 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
-if [ "${1:-}" = "test" ] && ! [ -x /usr/sbin/sshd ]; then
-    echo "installing openssh-server (the integration tests run a real sshd) ..."
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssh-server >/dev/null
+if [ "${1:-}" = "test" ]; then
+    # The integration tests run a real sshd, and a real PostgreSQL for the distributed
+    # set-up (the one on 127.0.0.1:5432 when it runs, else one they start themselves).
+    packages=""
+    [ -x /usr/sbin/sshd ] || packages="openssh-server"
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages="$packages postgresql"
+    if [ -n "$packages" ]; then
+        echo "installing:$packages (for the integration tests) ..."
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        $SUDO apt-get update -qq
+        # shellcheck disable=SC2086 - a list of package names
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $packages >/dev/null
+    fi
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

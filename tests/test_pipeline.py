@@ -131,7 +131,7 @@ def test_broken_cases_fail_in_inspection_and_upload_nothing(fresh: Installation,
     assert fresh.events() == []  # no tool ran
 
 
-def test_failing_beam_fails_the_case_frees_the_gpu_and_rerun_resumes(fresh: Installation):
+def test_failing_beam_fails_the_case_frees_the_gpu_and_ends_every_task(fresh: Installation):
     fresh.set_control(fail={"3": "fatal"})
     case = write_case(fresh.scan_root, "e2e-resume", beams=3, layers=2, seed=2)
     state = run_case(case)
@@ -149,18 +149,8 @@ def test_failing_beam_fails_the_case_frees_the_gpu_and_rerun_resumes(fresh: Inst
     line = next(ln for ln in status.stdout.splitlines() if ln.startswith("e2e-resume"))
     assert "FAILED" in line and "beam 3" in line
 
-    fresh.set_control()  # the fault is gone
-    rerun = fresh.mqi("rerun", "e2e-resume")
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    starts = [e for e in fresh.events("tps_env") if e["event"] == "start"]
-    per_beam = {b: sum(1 for e in starts if e["beam"] == b) for b in ("2", "3", "4")}
-    assert per_beam == {"2": 1, "3": 2, "4": 1}  # only the failed beam ran again
-    assert len([e for e in fresh.events("interpreter") if e["event"] == "start"]) == 1
-    assert sorted(p.name for p in (fresh.results / "e2e-resume" / "dicom").glob("*/*.dcm")) \
-        == ["RTDOSE_beam2.dcm", "RTDOSE_beam3.dcm", "RTDOSE_beam4.dcm"]
-    status = fresh.mqi("status", "--json")
-    rows = {r["case_id"]: r for r in json.loads(status.stdout)}
-    assert rows["e2e-resume"]["status"] == "COMPLETED"
+    # `mqi rerun` retries this run on serve: tests/test_up.py (and, on workers,
+    # tests/test_distributed.py) follow that path end to end.
 
 
 def test_six_cases_on_two_gpus_never_share_an_index(fresh: Installation):

@@ -184,3 +184,50 @@ def test_kill_9_of_up_mid_simulation_then_restart_completes_the_case_once(inst: 
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_rerun_retries_the_failed_run_itself_and_only_the_failed_beam_runs_again(
+        inst: Installation, tmp_path):
+    """`mqi rerun` does what the UI's Retry does: the same flow run, on serve, resumed
+    from the result store; the failed run does not stay red beside a new one."""
+    api = inst.api_url
+    inst.set_control(duration=0.3, batches=2, fail={"3": "fatal"})
+    up = inst.start_up()
+    try:
+        staged = write_case(tmp_path / "staging", "rerun-case", beams=3, layers=2, seed=4)
+        os.replace(staged, inst.scan_root / "rerun-case")
+        (inst.scan_root / "rerun-case" / "_CASE_READY").write_text("")
+        assert wait_for(lambda: state_of(api, "rerun-case") == "FAILED", 180,
+                        "rerun-case to fail in beam 3")
+        failed_id = flow_runs(api, "rerun-case")[0]["id"]
+        # the flow runs under serve (forked from its forkserver) find the configuration
+        # and the host through the blocks `mqi up` published, not MQI_CONFIG_PATH
+        forkservers = [p for p in descendants(up.pid)
+                       if b"multiprocessing.forkserver" in _cmdline(p)]
+        assert forkservers
+        environ = Path(f"/proc/{forkservers[0]}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith(b"MQI_CONFIG_PATH=")]
+
+        inst.set_control(duration=0.3, batches=2)  # the fault is gone
+        rerun = inst.mqi("rerun", "rerun-case")
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert f"retrying flow run {failed_id}" in rerun.stdout
+        assert "reused:" in rerun.stdout and "run_moqui_sim-beam2" in rerun.stdout
+        runs = flow_runs(api, "rerun-case")
+        assert [r["id"] for r in runs] == [failed_id]  # the same run, no second one
+        assert runs[0]["state"]["type"] == "COMPLETED" and runs[0]["run_count"] == 2
+        starts = [e for e in inst.events("tps_env") if e["event"] == "start"]
+        per_beam = {b: sum(1 for e in starts if e["beam"] == b) for b in ("2", "3", "4")}
+        assert per_beam == {"2": 1, "3": 2, "4": 1}  # only the failed beam ran again
+        assert len([e for e in inst.events("interpreter") if e["event"] == "start"]) == 1
+
+        status = inst.mqi("status")
+        line = next(ln for ln in status.stdout.splitlines() if ln.startswith("rerun-case"))
+        assert "COMPLETED (try 2)" in line
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(90)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()

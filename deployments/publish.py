@@ -1,0 +1,55 @@
+"""Publishing the configuration to the Prefect server as the blocks flow runs load.
+
+`mqi up`, `mqi deploy` and the CLI's own runs call ``publish`` before any flow
+runs: the validated configuration (block ``mqi-config``), the GPU host with its
+secrets read from the ``*_env`` variables into SecretStr fields
+(``mqi-gpu-host``), the GPU pool (``mqi-gpu-pool``) and the result storage every
+process shares (``local-file-system/mqi-results``). A worker anywhere then needs
+only ``PREFECT_API_URL`` (flows/settings.py loads them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from config import MqiConfig
+from deployments import server
+from flows.naming import CONFIG_BLOCK, HOST_BLOCK, POOL_BLOCK, RESULTS_BLOCK
+
+
+def results_folder(cfg: MqiConfig) -> Path:
+    """The folder stage results are kept in (when no filesystem block is configured)."""
+    return Path(cfg.prefect.result_storage or server.prefect_home(cfg) / "storage")
+
+
+def publish(cfg: MqiConfig, config_file: Path) -> list[str]:
+    """Save every block flow runs need; return their names, for the log.
+
+    Raises:
+        MissingSecretError: A ``*_env`` variable the host needs is not set.
+    """
+    from prefect.filesystems import LocalFileSystem
+
+    from blocks.factory import gpu_host, gpu_pool
+    from blocks.gpu_pool import GpuPool
+    from blocks.local_host import LocalHost
+    from blocks.published_config import PublishedConfig
+    from blocks.remote_host import RemoteHost
+
+    for cls in (RemoteHost, LocalHost, GpuPool, PublishedConfig):
+        cls.register_type_and_schema()
+    PublishedConfig(settings=cfg.model_dump(mode="json"), source=str(config_file)).save(
+        CONFIG_BLOCK, overwrite=True)
+    saved = [f"mqi-configuration/{CONFIG_BLOCK}"]
+    host = gpu_host(cfg)
+    if isinstance(host, RemoteHost | LocalHost):
+        host.save(HOST_BLOCK, overwrite=True)
+        saved.append(f"{host.get_block_type_slug()}/{HOST_BLOCK}")
+    gpu_pool(cfg).save(POOL_BLOCK, overwrite=True)
+    saved.append(f"mqi-gpu-pool/{POOL_BLOCK}")
+    if cfg.prefect.result_storage_block is None:
+        folder = results_folder(cfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        LocalFileSystem(basepath=str(folder)).save(RESULTS_BLOCK, overwrite=True)
+        saved.append(f"local-file-system/{RESULTS_BLOCK}")
+    return saved
