@@ -4,7 +4,8 @@ prefect-shell's ShellOperation runs a fixed list of commands set on the block;
 this block must run a different command per call with a per-call timeout, cwd
 and pid file, and copy trees with the same verified, atomic semantics as
 RemoteHost. So it follows ShellOperation's manner (a Block, live output into
-the run log, its own process group) with RemoteHost's methods, over subprocess.
+the run log, its own process group) with RemoteHost's methods, over subprocess,
+and the project does not depend on prefect-shell.
 """
 
 from __future__ import annotations
