@@ -20,7 +20,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
-from blocks.factory import gpu_pool
 from config import MqiConfig
 from config.models import BEAM_STEPS, GPU_STEP
 from flows.case_inspection import CaseInfo
@@ -35,7 +34,7 @@ from flows.naming import (
     run_name,
 )
 from flows.outcomes import CaseFailed, CaseOutcome, SimulationOutcome, StageFailed
-from flows.settings import flow_config, flow_host, result_storage
+from flows.settings import flow_config, flow_host, flow_pool, result_storage
 from flows.stages import (
     beam_step,
     case_step,
@@ -127,7 +126,7 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
             continue
         if GPU_STEP in steps[i:] and not sims:
             # Size the GPU limits to what the host has now (idempotent, cheap).
-            gpu_pool(cfg).ensure_limit(flow_host(cfg))
+            flow_pool(cfg).ensure_limit(flow_host(cfg))
         chain = []  # consecutive per-beam steps run as one chain per beam, beams in parallel
         while i < len(steps) and steps[i] in BEAM_STEPS:
             chain.append(steps[i])

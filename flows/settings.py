@@ -1,5 +1,5 @@
-"""What a flow run works with — configuration, GPU host, result storage — loaded from
-blocks on the Prefect server.
+"""What a flow run works with — configuration, GPU host and pool, result storage —
+loaded from blocks on the Prefect server.
 
 `mqi up` and `mqi deploy` publish them from the YAML (deployments/publish.py);
 every flow run loads them by name, so a worker on another machine needs only
@@ -16,10 +16,11 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
+from blocks.gpu_pool import GpuPool
 from blocks.host import Host
 from config import ENV_VAR, ConfigError, MqiConfig, get_config
 from config.loader import parse_config
-from flows.naming import CONFIG_BLOCK, HOST_BLOCK, RESULTS_BLOCK
+from flows.naming import CONFIG_BLOCK, HOST_BLOCK, POOL_BLOCK, RESULTS_BLOCK
 
 
 def _run_id() -> str | None:
@@ -71,6 +72,16 @@ def flow_host(cfg: MqiConfig) -> Host:
 def result_storage(cfg: MqiConfig) -> str | None:
     """The slug of the block that keeps stage results; None: Prefect's local default."""
     return cfg.prefect.result_storage_block or _published_results(_run_id() or "")
+
+
+def flow_pool(cfg: MqiConfig) -> GpuPool:
+    """The GPU pool: the published block when there is one, else built from config."""
+    from blocks.factory import gpu_pool
+
+    try:
+        return cast(GpuPool, GpuPool.load(POOL_BLOCK))
+    except ValueError:
+        return gpu_pool(cfg)
 
 
 @functools.lru_cache(maxsize=8)

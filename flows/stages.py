@@ -18,7 +18,6 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from blocks.factory import gpu_pool
 from blocks.gpu_pool import LOCK_BUSY_EXIT
 from config.models import GPU_STEP
 from flows.caching import StageIdentity
@@ -35,7 +34,7 @@ from flows.outcomes import (
 )
 from flows.remote_stage import moqui_verdict, run_remote
 from flows.reporting import ProgressReporter, render_report
-from flows.settings import flow_config, flow_host
+from flows.settings import flow_config, flow_host, flow_pool
 
 
 @task(name="inspect")
@@ -126,7 +125,7 @@ def simulate_beam(case_id: str, digest: str, beam: Beam) -> SimulationOutcome:
     logger = get_run_logger()
     layout = remote_layout(cfg, case_id)
     host = flow_host(cfg)
-    pool = gpu_pool(cfg)
+    pool = flow_pool(cfg)
     waited_from = time.monotonic()
     with pool.admission(logger):
         for attempt in itertools.count():
