@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -54,6 +55,9 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+if sys.platform.startswith("linux"):
+    from watchdog.observers.inotify import InotifyObserver
+
 from config import MqiConfig
 from flows.case_inspection import (
     CaseRejected,
@@ -83,13 +87,16 @@ WRITE_EVENTS: tuple[type[FileSystemEvent], ...] = (
     DirMovedEvent, FileDeletedEvent, DirDeletedEvent, FileClosedEvent)
 WRITE_EVENT_TYPES = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_MOVED,
                                EVENT_TYPE_DELETED, EVENT_TYPE_CLOSED})
+# How long the sensor sleeps when every candidate is judged; a file event wakes it.
+IDLE_TICK = 1.0
 
 
 @dataclass
 class Verdict:
     """Why a settled folder was not started, and what it was judged on."""
 
-    seen: tuple[Signature, bool]  # the folder's listing, and whether the ready marker was there
+    # the folder's listing and whether the ready marker was there; None: judged by its name
+    seen: tuple[Signature, bool] | None
     last_event: float  # the candidate's last_event when judged
     state: str  # waiting (a piece may still arrive), refused or unreadable
     reason: str
@@ -205,6 +212,8 @@ class _Events(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in WRITE_EVENT_TYPES:
             return  # opened, accessed, closed without writing: someone only reading
+        if event.event_type == EVENT_TYPE_MOVED and event.is_directory and not event.src_path:
+            self.sensor.moved_in(os.fsdecode(event.dest_path))
         for path in (event.src_path, getattr(event, "dest_path", "")):
             if path:
                 self.sensor.touch(os.fsdecode(path))
@@ -222,6 +231,11 @@ class CaseSensor:
         self.candidates: dict[str, Candidate] = {}
         self.started: dict[str, tuple[Signature, str]] = {}  # name -> (signature, key)
         self._lock = threading.Lock()
+        self._wake = threading.Event()  # set by file events: someone wrote
+        # Case folders with a folder moved in from outside the scan root since the
+        # observer started: inotify does not watch inside it (watchdog adds no watch for
+        # a moved-in tree), so writes there raise no event.
+        self._unwatched: set[str] = set()
         self._observer: BaseObserver | None = None
         self._last_rescan = 0.0
         self._root_problem: str | None = None
@@ -229,15 +243,25 @@ class CaseSensor:
         self._last_warm_try = float("-inf")
 
     # ------------------------------------------------------------------ events
-    def touch(self, path: str) -> None:
-        """A file event somewhere under the root: its case folder is a candidate again."""
+    def _case_name(self, path: str) -> str | None:
         try:
             rel = Path(path).relative_to(self.root)
         except ValueError:
+            return None
+        return rel.parts[0] if rel.parts else None
+
+    def moved_in(self, path: str) -> None:
+        """A folder came in from outside the root: no event will tell of writes in it."""
+        name = self._case_name(path)
+        if name is not None:
+            with self._lock:
+                self._unwatched.add(name)
+
+    def touch(self, path: str) -> None:
+        """A file event somewhere under the root: its case folder is a candidate again."""
+        name = self._case_name(path)
+        if name is None:
             return
-        if not rel.parts:
-            return
-        name = rel.parts[0]
         now = self.clock()
         with self._lock:
             cand = self.candidates.get(name)
@@ -245,6 +269,7 @@ class CaseSensor:
                 self.candidates[name] = Candidate(name, now, now)
             else:
                 cand.last_event = now
+        self._wake.set()
 
     def rescan(self) -> None:
         """Make every folder under the root a candidate (catch-up, and missed events)."""
@@ -268,19 +293,36 @@ class CaseSensor:
             self._root_problem = message
 
     # ---------------------------------------------------------------- decisions
-    def step(self) -> None:
-        """Look at every candidate once; start those that are complete."""
+    def step(self) -> bool:
+        """Look at every candidate once; start those that are complete.
+
+        Returns:
+            True while a candidate needs a look at every tick (files still arriving, a
+            run to create again); False when every one left is judged.
+        """
         if self.clock() - self._last_rescan >= self.cfg.scanner.rescan_interval_seconds:
             self.rescan()
         with self._lock:
             names = list(self.candidates)
+        busy = False
         for name in names:
             try:
                 if self._consider(name):
                     with self._lock:
                         self.candidates.pop(name, None)
+                    continue
             except Exception as exc:
                 log.exception("case folder %r: unexpected error, will look again: %s", name, exc)
+            cand = self.candidates.get(name)
+            busy = busy or cand is None or not self._judged(cand)
+        return busy
+
+    def _judged(self, cand: Candidate) -> bool:
+        """Whether the candidate's verdict stands without a look. Where no event tells of
+        writes (a moved-in folder), its listing is compared once a stability window."""
+        relist = self.cfg.scanner.stability_seconds if cand.name in self._unwatched \
+            else math.inf
+        return cand.judged(self.clock(), relist)
 
     def _report_once(self, cand: Candidate, kind: str, message: str, *args: object) -> None:
         if kind not in cand.reported:
@@ -308,11 +350,7 @@ class CaseSensor:
     def _consider(self, name: str) -> bool:
         """True when the candidate is settled (started, unchanged, gone or refused)."""
         cand = self.candidates[name]
-        # Nothing written since it was judged: no need to look. The listing (stats, no
-        # reads) is still compared once a stability window, for the writes no event
-        # tells of: watchdog's inotify observer does not watch inside a folder that was
-        # moved into the scan root, the usual way a finished copy is delivered.
-        if cand.judged(self.clock(), self.cfg.scanner.stability_seconds):
+        if self._judged(cand):  # nothing written since it was judged: no need to look
             self._report_verdict(cand, name)
             return False
         case_dir = self.root / name
@@ -326,6 +364,7 @@ class CaseSensor:
             case_id = validate_case_id(name, self.cfg.cases.id_pattern)
         except CaseIdError as exc:
             self._report_once(cand, "refused", "case folder %r refused: %s", name, exc)
+            cand.verdict = Verdict(None, cand.last_event, "refused", str(exc), self.clock())
             return False
         ignore = {scanner.ready_marker}
         try:
@@ -409,9 +448,15 @@ class CaseSensor:
                 self._say_root_problem(f"the scan root {self.root} does not exist or is not "
                                        f"readable")
                 return
-            observer: BaseObserver = \
-                PollingObserver(timeout=self.cfg.scanner.polling_interval_seconds) \
-                if self.cfg.scanner.observer == "polling" else Observer()
+            observer: BaseObserver
+            if self.cfg.scanner.observer == "polling":
+                observer = PollingObserver(timeout=self.cfg.scanner.polling_interval_seconds)
+            elif sys.platform.startswith("linux"):
+                # Full events: a folder moved in from outside is a move with no source,
+                # which tells the sensor that no watch covers it (see moved_in).
+                observer = InotifyObserver(generate_full_events=True)
+            else:
+                observer = Observer()
             # Only writes wake the observer: inotify is not even asked for reads.
             observer.schedule(_Events(self), str(self.root), recursive=True,
                               event_filter=list(WRITE_EVENTS))
@@ -421,6 +466,8 @@ class CaseSensor:
                 self._say_root_problem(f"cannot watch {self.root}: {exc}")
                 return
             self._observer = observer
+            with self._lock:
+                self._unwatched.clear()  # a new observer watches every folder there is
             self._root_problem = None
             self._warm_up()
             log.info("watching %s (%s observer; stable after %g s or on %s)", self.root,
@@ -462,19 +509,28 @@ class CaseSensor:
     def run(self, stop: threading.Event, tick: float = 0.25,
             ready: Callable[[], None] = lambda: None) -> None:
         """Watch and decide until ``stop`` is set; ``ready()`` once the first start is done
-        (watching, or waiting for a missing root, which is reported)."""
+        (watching, or waiting for a missing root, which is reported).
+
+        It looks each ``tick`` while a case is arriving; when every folder is judged it
+        sleeps until a file event, or ``IDLE_TICK`` (stop is noticed within that).
+        """
         announced = False
         while not stop.is_set():
+            busy = True
             if self._observer is None or not self._observer.is_alive():
                 self._observer = None
                 self.start()
             if self._observer is not None:
                 self._warm_up()
-                self.step()
+                self._wake.clear()  # an event from here on wakes the wait below
+                busy = self.step()
             if not announced:
                 ready()
                 announced = True
-            stop.wait(tick)
+            if busy:
+                stop.wait(tick)
+            else:
+                self._wake.wait(max(tick, IDLE_TICK))
         self.stop()
 
 
