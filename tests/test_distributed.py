@@ -111,6 +111,7 @@ def test_workers_on_postgresql_take_cases_resume_reruns_and_follow_blocks(
     registered = deployment(api)
     assert registered["work_pool_name"] == WORK_POOL
     assert registered["entrypoint"] == "flows.process_case:process_case"
+    assert not registered["pull_steps"]  # nothing that ties a worker to the deployer's folder
 
     workers = {name: start_worker(api, tmp_path / "workers", name)
                for name in ("worker-a", "worker-b")}

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_prefect_yaml_mirrors_the_definitions():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert spec["pull"] == [], "null adds a pull step into the deployer's folder"
     in_yaml = {d["name"]: d for d in spec["deployments"]}
     assert set(in_yaml) == {d.name for d in DEPLOYMENTS}
     for d in DEPLOYMENTS:
