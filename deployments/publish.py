@@ -17,11 +17,6 @@ from deployments import server
 from flows.naming import CONFIG_BLOCK, HOST_BLOCK, POOL_BLOCK, RESULTS_BLOCK
 
 
-def results_folder(cfg: MqiConfig) -> Path:
-    """The folder stage results are kept in (when no filesystem block is configured)."""
-    return Path(cfg.prefect.result_storage or server.prefect_home(cfg) / "storage")
-
-
 def publish(cfg: MqiConfig, config_file: Path) -> list[str]:
     """Save every block flow runs need; return their names, for the log.
 
@@ -38,7 +33,11 @@ def publish(cfg: MqiConfig, config_file: Path) -> list[str]:
 
     for cls in (RemoteHost, LocalHost, GpuPool, PublishedConfig):
         cls.register_type_and_schema()
-    PublishedConfig(settings=cfg.model_dump(mode="json"), source=str(config_file)).save(
+    settings = cfg.model_dump(mode="json")
+    # Flow runs do not need the database; a password written into its URL must not
+    # reach a block every worker and the UI can read.
+    settings["prefect"]["database_url"] = server.mask_url(cfg.prefect.database_url)
+    PublishedConfig(settings=settings, source=str(config_file)).save(
         CONFIG_BLOCK, overwrite=True)
     saved = [f"mqi-configuration/{CONFIG_BLOCK}"]
     host = gpu_host(cfg)
@@ -48,7 +47,7 @@ def publish(cfg: MqiConfig, config_file: Path) -> list[str]:
     gpu_pool(cfg).save(POOL_BLOCK, overwrite=True)
     saved.append(f"mqi-gpu-pool/{POOL_BLOCK}")
     if cfg.prefect.result_storage_block is None:
-        folder = results_folder(cfg)
+        folder = server.results_folder(cfg)
         folder.mkdir(parents=True, exist_ok=True)
         LocalFileSystem(basepath=str(folder)).save(RESULTS_BLOCK, overwrite=True)
         saved.append(f"local-file-system/{RESULTS_BLOCK}")

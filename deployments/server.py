@@ -34,6 +34,11 @@ def prefect_home(cfg: MqiConfig) -> Path:
     return Path(cfg.paths.data_dir) / "prefect"
 
 
+def results_folder(cfg: MqiConfig) -> Path:
+    """The folder stage results are kept in (when no filesystem block is configured)."""
+    return Path(cfg.prefect.result_storage or prefect_home(cfg) / "storage")
+
+
 def database_url(cfg: MqiConfig) -> str:
     """The server's database URL, with the password from its environment variable."""
     url = cfg.prefect.database_url
@@ -73,8 +78,9 @@ def client_env(cfg: MqiConfig) -> dict[str, str]:
     return {
         "PREFECT_API_URL": cfg.prefect.effective_api_url,
         "PREFECT_HOME": str(prefect_home(cfg)),
-        # Cached stage results: a rerun finds them here whichever process runs it.
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(prefect_home(cfg) / "storage"),
+        # Cached stage results: a rerun finds them here whichever process runs it
+        # (the same folder publish.py saves as the mqi-results block).
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(results_folder(cfg)),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # Prefect's setting is whole seconds; `mqi up`'s serve passes the exact value.
         "PREFECT_RUNNER_POLL_FREQUENCY": str(max(1, math.ceil(cfg.prefect.runner_poll_seconds))),

@@ -123,7 +123,8 @@ def _ancestors(pid: int) -> list[int]:
 def resume_interrupted(cfg: MqiConfig) -> list[str]:
     """Reschedule the case runs a stop or crash of `mqi up` interrupted.
 
-    Only for the embedded server: its runs can belong to no one else. Each is
+    Only for the embedded server, and only runs no worker took (a run a worker
+    executes has a work queue; it is the worker's to finish). Each is
     put back to Scheduled (as `prefect flow-run retry` does) after its remote
     processes are killed; the runner picks it up again and the stages it had
     finished come from cache, so the case resumes at the interrupted beam and
@@ -151,6 +152,8 @@ def resume_interrupted(cfg: MqiConfig) -> list[str]:
                 any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING,
                       StateType.CRASHED]))), limit=200)
         for run in runs:
+            if run.work_queue_id is not None:
+                continue  # a worker's run: alive or not, not ours to resume
             try:
                 kill_remote_processes(None, run, run.state)
             except Exception as exc:  # noqa: BLE001 - the host may be down; resume anyway
@@ -161,6 +164,17 @@ def resume_interrupted(cfg: MqiConfig) -> list[str]:
                         run.state.name if run.state else "?")
             resumed.append(run.name)
     return resumed
+
+
+def cases_go_to_workers() -> bool:
+    """True when `prefect deploy` / `mqi deploy` put the case deployment on a work pool."""
+    from prefect.client.orchestration import get_client
+
+    from deployments.definitions import DEPLOYMENTS
+    from deployments.serve import owned_by_workers
+
+    with get_client(sync_client=True) as client:
+        return any(owned_by_workers(client, spec) for spec in DEPLOYMENTS)
 
 
 def release_orphaned_gpu_slots(cfg: MqiConfig) -> int:
@@ -232,13 +246,17 @@ def bring_up(cfg: MqiConfig, config_file: Path) -> Supervisor:
         if not server.is_healthy(cfg.prefect.effective_api_url):
             raise server.ServerError(
                 f"the Prefect API at {cfg.prefect.effective_api_url} is not reachable")
-        # Flow runs load these, not the YAML: without them no case can run.
-        log.info("published %s", ", ".join(publish(cfg, config_file)))
-        problem = prepare_gpu_limit(cfg)
-        if problem:
-            print(f"warning: {problem}", file=sys.stderr)
+        if "serve" in cfg.processes.start:
+            # Flow runs load these, not the YAML: without them no case can run. A
+            # machine that runs only the sensor publishes nothing (`mqi deploy` does).
+            log.info("published %s", ", ".join(publish(cfg, config_file)))
+            problem = prepare_gpu_limit(cfg)
+            if problem:
+                print(f"warning: {problem}", file=sys.stderr)
         if cfg.prefect.api_url is None and "serve" in cfg.processes.start:
-            freed = release_orphaned_gpu_slots(cfg)
+            # Workers on this server may hold GPU leases of their own: then no lease
+            # is an orphan of ours for certain, and expiry frees a dead one.
+            freed = 0 if cases_go_to_workers() else release_orphaned_gpu_slots(cfg)
             if freed:
                 print(f"freed {freed} GPU slot(s) held by runs of the previous mqi up",
                       flush=True)

@@ -34,7 +34,7 @@ from flows.naming import (
     run_name,
 )
 from flows.outcomes import CaseFailed, CaseOutcome, SimulationOutcome, StageFailed
-from flows.settings import flow_config, flow_host, flow_pool, result_storage
+from flows.settings import flow_config, flow_host, flow_pool, hook_attempt, result_storage
 from flows.stages import (
     beam_step,
     case_step,
@@ -70,14 +70,15 @@ def kill_remote_processes(flow: Any, flow_run: Any, state: Any) -> None:
     running it twice is harmless.
     """
     logger = logging.getLogger("mqi.process_case")
-    cfg = flow_config(str(flow_run.id))
+    attempt = hook_attempt(flow_run)
+    cfg = flow_config(attempt)
     case_id = Path(str(flow_run.parameters.get("case_dir", ""))).name
     try:
         validate_case_id(case_id, cfg.cases.id_pattern)
     except CaseIdError:
         return
     layout = remote_layout(cfg, case_id)
-    host = flow_host(cfg)
+    host = flow_host(cfg, attempt)
     listed = host.run(f"ls -1 -- {shlex.quote(layout.pid_dir)}", check=False, stream=False)
     for name in listed.stdout.split():
         if name.endswith(".pid"):

@@ -3,10 +3,13 @@ loaded from blocks on the Prefect server.
 
 `mqi up` and `mqi deploy` publish them from the YAML (deployments/publish.py);
 every flow run loads them by name, so a worker on another machine needs only
-``PREFECT_API_URL``, and a block changed in the UI takes effect on the next run.
-``MQI_CONFIG_PATH`` set in the flow's own environment wins over the published
-configuration (development, tests); the GPU host block wins over the host the
-configuration describes, because that is where credentials live.
+``PREFECT_API_URL``, and a block changed in the UI takes effect on the next run
+(each attempt of a run loads them once and keeps them to its end, so a republish
+mid-run cannot send later stages to another host).
+
+``MQI_CONFIG_PATH`` set in the flow's own environment (``mqi run``, tests) means
+"this file, wholly": its configuration and the host and pool it describes. The
+GPU host block is otherwise the truth for the host, since credentials live there.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
+
+from pydantic import ValidationError
 
 from blocks.gpu_pool import GpuPool
 from blocks.host import Host
@@ -22,74 +27,112 @@ from config import ENV_VAR, ConfigError, MqiConfig, get_config
 from config.loader import parse_config
 from flows.naming import CONFIG_BLOCK, HOST_BLOCK, POOL_BLOCK, RESULTS_BLOCK
 
+B = TypeVar("B")
 
-def _run_id() -> str | None:
+
+def current_attempt() -> str:
+    """``<flow run id>:<run count>`` inside a flow run; "" outside one."""
     from prefect.runtime import flow_run
 
-    run_id = flow_run.id
-    return str(run_id) if run_id else None
+    return f"{flow_run.id}:{flow_run.run_count}" if flow_run.id else ""
 
 
-def flow_config(run_id: str | None = None) -> MqiConfig:
-    """The configuration of this flow run (``run_id``: for hooks, outside the run)."""
-    if os.environ.get(ENV_VAR):
-        return get_config()
-    return _published_config(run_id or _run_id() or "")
+def hook_attempt(flow_run: Any) -> str:
+    """The same, for a state hook, which runs outside the flow run's context."""
+    return f"{flow_run.id}:{flow_run.run_count}"
 
 
-@functools.lru_cache(maxsize=8)
-def _published_config(run_id: str) -> MqiConfig:
-    """Loaded once per flow run: a run sees one configuration from start to end."""
-    from blocks.published_config import PublishedConfig
+def _from_file() -> bool:
+    return bool(os.environ.get(ENV_VAR))
 
+
+def _load(kind: type[B], name: str) -> B | None:
+    """The block ``name`` of type ``kind``; None when there is none (a broken one raises)."""
     try:
         # Called from sync code: Prefect's async_dispatch returns the block itself.
-        block = cast(PublishedConfig, PublishedConfig.load(CONFIG_BLOCK))
-    except ValueError:
+        return cast(B, kind.load(name))  # type: ignore[attr-defined]
+    except ValidationError:
+        raise  # there, but not valid: never quietly fall back to something else
+    except ValueError:  # "Unable to find block document named ..."
+        return None
+
+
+def _once_per_attempt(load: Any) -> Any:
+    """Cache ``load`` per attempt of a flow run; outside a run, load every time."""
+    cached = functools.lru_cache(maxsize=16)(load)
+
+    def get(attempt: str, *args: Any) -> Any:
+        return cached(attempt, *args) if attempt else load(attempt, *args)
+
+    return get
+
+
+def _published_config(_attempt: str) -> MqiConfig:
+    from blocks.published_config import PublishedConfig
+
+    block = _load(PublishedConfig, CONFIG_BLOCK)
+    if block is None:
         # Never fall back to the bundled default: a run on a wrong configuration
         # would send a case to the wrong host.
         raise ConfigError(f"block {CONFIG_BLOCK}", [
             ("", f"no configuration is published on this Prefect server (block "
                  f"{CONFIG_BLOCK}) and {ENV_VAR} is not set: run `mqi up` or `mqi deploy` "
-                 f"with the installation's configuration first")]) from None
+                 f"with the installation's configuration first")])
     return parse_config(block.settings, Path(f"block {CONFIG_BLOCK} (from {block.source})"))
 
 
-def flow_host(cfg: MqiConfig) -> Host:
-    """The GPU host: the published block when there is one, else built from config."""
+def _published_host(_attempt: str, kind: type[Host]) -> Host | None:
+    return _load(kind, HOST_BLOCK)
+
+
+def _published_pool(_attempt: str) -> GpuPool | None:
+    return _load(GpuPool, POOL_BLOCK)
+
+
+def _published_results(_attempt: str) -> str | None:
+    from prefect.filesystems import LocalFileSystem
+
+    found = _load(LocalFileSystem, RESULTS_BLOCK)
+    return None if found is None else f"local-file-system/{RESULTS_BLOCK}"
+
+
+_config_once = _once_per_attempt(_published_config)
+_host_once = _once_per_attempt(_published_host)
+_pool_once = _once_per_attempt(_published_pool)
+_results_once = _once_per_attempt(_published_results)
+
+
+def flow_config(attempt: str | None = None) -> MqiConfig:
+    """The configuration of this flow run (``attempt``: for hooks, outside the run)."""
+    if _from_file():
+        return get_config()
+    return cast(MqiConfig, _config_once(current_attempt() if attempt is None else attempt))
+
+
+def flow_host(cfg: MqiConfig, attempt: str | None = None) -> Host:
+    """The GPU host: the published block, else the one the configuration describes."""
     from blocks.factory import gpu_host
     from blocks.local_host import LocalHost
     from blocks.remote_host import RemoteHost
 
-    kind: Any = LocalHost if cfg.hosts[cfg.gpu.host].kind == "local" else RemoteHost
-    try:
-        host: Host = kind.load(HOST_BLOCK)
-    except ValueError:
+    if _from_file():
         return gpu_host(cfg)
-    return host
-
-
-def result_storage(cfg: MqiConfig) -> str | None:
-    """The slug of the block that keeps stage results; None: Prefect's local default."""
-    return cfg.prefect.result_storage_block or _published_results(_run_id() or "")
+    kind = LocalHost if cfg.hosts[cfg.gpu.host].kind == "local" else RemoteHost
+    host = _host_once(current_attempt() if attempt is None else attempt, kind)
+    return cast(Host, host) if host is not None else gpu_host(cfg)
 
 
 def flow_pool(cfg: MqiConfig) -> GpuPool:
-    """The GPU pool: the published block when there is one, else built from config."""
+    """The GPU pool: the published block, else the one the configuration describes."""
     from blocks.factory import gpu_pool
 
-    try:
-        return cast(GpuPool, GpuPool.load(POOL_BLOCK))
-    except ValueError:
-        return gpu_pool(cfg)
+    pool = None if _from_file() else _pool_once(current_attempt())
+    return cast(GpuPool, pool) if pool is not None else gpu_pool(cfg)
 
 
-@functools.lru_cache(maxsize=8)
-def _published_results(run_id: str) -> str | None:
-    from prefect.filesystems import LocalFileSystem
-
-    try:
-        LocalFileSystem.load(RESULTS_BLOCK)
-    except ValueError:
-        return None
-    return f"local-file-system/{RESULTS_BLOCK}"
+def result_storage(cfg: MqiConfig) -> str | None:
+    """The slug of the block that keeps stage results; None: Prefect's local storage,
+    which `mqi` points at the same folder (deployments/server.py ``client_env``)."""
+    if cfg.prefect.result_storage_block:
+        return cfg.prefect.result_storage_block
+    return cast(str | None, _results_once(current_attempt()))
