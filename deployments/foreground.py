@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from config import ENV_VAR, MqiConfig, MqiError, load_config
 from deployments import server
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from uuid import UUID
 
     from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
 
     from deployments.status import CaseStatus
 
@@ -123,27 +124,31 @@ def rerun(rows: list[CaseStatus], workflow: str, *, wait: bool = True,
 
     The same flow run is scheduled again (as ``prefect flow-run retry`` does) and
     serve or a worker resumes it: stages that completed for the same inputs come
-    from the result store. A case whose content changed since gets a new run,
-    and so does a run that was not created through the deployment (``mqi run``).
+    from the result store. A new run is created instead — and said so — when the
+    content changed since, another workflow is asked for, or the old run cannot
+    be picked up any more (made by ``mqi run``, or its deployment was deleted or
+    moved to a work pool since).
 
     Raises:
-        CaseNotRun: Naming every case that did not complete (or whose folder is gone).
+        CaseNotRun: Naming every case that did not complete (or could not be rerun).
     """
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     problems: list[str] = []
-    followed: list[tuple[str, UUID]] = []
+    followed: dict[UUID, str] = {}
     with get_client(sync_client=True) as client:
         for row in rows:
             try:
-                followed.append((row.case_id, _restart(client, row, workflow)))
+                followed[_restart(client, row, workflow)] = row.case_id
             except CaseNotRun as exc:
                 problems.append(str(exc))
+            except ObjectNotFound as exc:
+                problems.append(f"case {row.case_id}: {exc}")
         if wait:
-            problems += [p for case_id, run_id in followed
-                         if (p := _follow(client, case_id, run_id, poll)) is not None]
+            problems += _follow(client, followed, poll)
         else:
-            for case_id, run_id in followed:
+            for run_id, case_id in followed.items():
                 print(f"case {case_id}: flow run {run_id} scheduled (`mqi status` follows it)")
     if problems:
         raise CaseNotRun("\n".join(problems))
@@ -153,7 +158,7 @@ def _restart(client: SyncPrefectClient, row: CaseStatus, workflow: str) -> UUID:
     """Schedule the case's run again, or create a new one; return the run's id."""
     from uuid import UUID
 
-    from prefect.states import Scheduled
+    from prefect.exceptions import ObjectNotFound
 
     from config import get_config
     from flows.case_inspection import CaseRejected, content_digest
@@ -164,56 +169,112 @@ def _restart(client: SyncPrefectClient, row: CaseStatus, workflow: str) -> UUID:
     cfg = get_config()
     try:
         digest = content_digest(row.case_dir, ignore={cfg.scanner.ready_marker})
-    except (CaseRejected, OSError) as exc:
-        raise CaseNotRun(f"case {row.case_id}: {exc}") from None
+    except CaseRejected as exc:
+        raise CaseNotRun(f"case {row.case_id}: {exc.reason}") from None
+    except OSError as exc:  # never the file's name: names can carry a patient id
+        raise CaseNotRun(f"case {row.case_id}: cannot read its folder "
+                         f"({exc.strerror or type(exc).__name__})") from None
     run = client.read_flow_run(UUID(row.flow_run_id))
+    try:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+    except ObjectNotFound:
+        raise CaseNotRun(f"case {row.case_id}: no deployment {DEPLOYMENT} on this server; "
+                         f"start `mqi up` (or `mqi deploy` for workers) first") from None
     key = run_key(row.case_id, digest)
-    if run.deployment_id is not None and run.idempotency_key == key:
-        tasks = _task_states(client, run.id)
-        reused = sorted(n for n, s in tasks.items() if s == "COMPLETED")
-        again = sorted(n for n, s in tasks.items() if s != "COMPLETED")
-        client.set_flow_run_state(run.id, Scheduled(message="Retried by mqi rerun"),
-                                  force=True)
-        print(f"case {row.case_id}: retrying flow run {run.id} (was {row.status}); "
-              f"reused: {', '.join(reused) or 'nothing'}; "
-              f"runs again: {', '.join(again) or 'what did not start'}")
-        return run.id
-    why = "its content changed" if run.deployment_id is not None else \
-        "its last run was not started through the deployment"
-    deployment = client.read_deployment_by_name(DEPLOYMENT)
+    why = _why_not_the_same_run(run, deployment, key, workflow)
+    if why is None:
+        return _retry(client, run.id, row)
     new = client.create_flow_run_from_deployment(
         deployment.id, parameters={"case_dir": row.case_dir, "workflow": workflow},
-        idempotency_key=key, name=run_name(row.case_id), tags=[case_tag(row.case_id)])
+        # The plain key would hand back that same old run, which Prefect keeps for it.
+        idempotency_key=f"{key}:after:{run.id}", name=run_name(row.case_id),
+        tags=[case_tag(row.case_id)])
+    if new.state is not None and new.state.is_final():  # made by an earlier rerun
+        return _retry(client, new.id, row)
     print(f"case {row.case_id}: {why} since flow run {run.id}; new flow run {new.id}")
     return new.id
 
 
-def _task_states(client: SyncPrefectClient, run_id: UUID) -> dict[str, str]:
+def _why_not_the_same_run(run: FlowRun, deployment: Any, key: str,
+                          workflow: str) -> str | None:
+    """Why the old run cannot simply be retried; None when it can."""
+    if run.deployment_id is None:
+        return "its last run was made by `mqi run`, not through the deployment"
+    if run.deployment_id != deployment.id:
+        return "the deployment of its last run is gone"
+    if deployment.work_pool_name and run.work_queue_id is None:
+        return "the deployment moved to the workers"
+    if run.idempotency_key and not run.idempotency_key.startswith(key):
+        return "its content changed"
+    if (run.parameters or {}).get("workflow", "default_qa") != workflow:
+        return f"workflow {workflow} was asked for"
+    return None
+
+
+def _retry(client: SyncPrefectClient, run_id: UUID, row: CaseStatus) -> UUID:
+    """Schedule a finished run again, as the UI's Retry does."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Scheduled
+
+    from flows.naming import UNCACHED_STAGES
+
+    run = client.read_flow_run(run_id)  # again, just before: it may have started since
+    if run.state is None or not run.state.is_final() or \
+            run.state.type == StateType.COMPLETED and row.status != "COMPLETED":
+        raise CaseNotRun(f"case {row.case_id}: its run {run_id} is "
+                         f"{run.state.type.value if run.state else 'unknown'} now; not "
+                         f"starting it again")
+    stages = _stage_states(client, run_id)
+    reused = sorted(n for n, s in stages.items() if s == "COMPLETED" and
+                    n.split("-")[0] not in UNCACHED_STAGES)
+    again = sorted(n for n, s in stages.items() if s != "COMPLETED")
+    result: Any = client.set_flow_run_state(run_id, Scheduled(message="Retried by mqi rerun"),
+                                       force=True)
+    if result.status != SetStateStatus.ACCEPT:
+        raise CaseNotRun(f"case {row.case_id}: the server refused to schedule run {run_id} "
+                         f"again ({result.details})")
+    print(f"case {row.case_id}: retrying flow run {run_id} (was {row.status}); "
+          f"reused: {', '.join(reused) or 'nothing'}; "
+          f"runs again: {', '.join(again) or 'what had not started'}")
+    return run_id
+
+
+def _stage_states(client: SyncPrefectClient, run_id: UUID) -> dict[str, str]:
     """The newest state of each task of a flow run, by task-run name."""
+    from datetime import UTC, datetime
+
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     tasks = client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return {t.name: t.state.type.value if t.state else "PENDING" for t in tasks}
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200)
+    newest = sorted(tasks, key=lambda t: t.created or datetime.min.replace(tzinfo=UTC))
+    return {t.name: t.state.type.value if t.state else "PENDING" for t in newest}
 
 
-def _follow(client: SyncPrefectClient, case_id: str, run_id: UUID, poll: float) -> str | None:
-    """Wait for the run to end; None when it COMPLETED, else what became of it."""
+def _follow(client: SyncPrefectClient, runs: dict[UUID, str], poll: float) -> list[str]:
+    """Wait for every run to end; what became of those that did not complete."""
     started = time.monotonic()
     hinted = False
-    while True:
-        run = client.read_flow_run(run_id)
-        state = run.state
-        if state is not None and state.is_final():
-            break
-        if not hinted and time.monotonic() - started > 30 and state is not None \
-                and state.is_scheduled():
-            print(f"case {case_id}: still SCHEDULED after 30 s — is `mqi up` (or a worker "
-                  f"on the work pool) running?", file=sys.stderr)
+    pending = dict(runs)
+    problems = []
+    while pending:
+        for run_id, case_id in list(pending.items()):
+            run = client.read_flow_run(run_id)
+            state = run.state
+            if state is None or not state.is_final():
+                continue
+            del pending[run_id]
+            if state.is_completed():
+                print(f"case {case_id}: COMPLETED (flow run {run_id}, attempt {run.run_count})")
+            else:
+                problems.append(f"case {case_id}: {state.type.value}" +
+                                (f": {state.message}" if state.message else ""))
+        if pending and not hinted and time.monotonic() - started > 30:
+            print(f"still waiting for {len(pending)} run(s) to be picked up or to end — is "
+                  f"`mqi up` (or a worker on the work pool) running? (Ctrl+C stops waiting; "
+                  f"the runs stay scheduled)", file=sys.stderr)
             hinted = True
-        time.sleep(poll)
-    if state.is_completed():
-        print(f"case {case_id}: COMPLETED (flow run {run_id}, attempt {run.run_count})")
-        return None
-    return f"case {case_id}: {state.type.value}" + (f": {state.message}" if state.message
-                                                      else "")
+        if pending:
+            time.sleep(poll)
+    return problems

@@ -50,6 +50,9 @@ def patient_tag(patient_hash: str) -> str:
     return f"patient:{patient_hash}"
 
 
+UNCACHED_STAGES = frozenset({"inspect", "verify", "report"})
+"""Stages that run again on every attempt (they read local files; nothing to reuse)."""
+
 SIMULATION_TASK = re.compile(r"run_moqui_sim-beam(\d+)(?:-gpu(\d+))?")
 
 

@@ -224,6 +224,20 @@ def test_rerun_retries_the_failed_run_itself_and_only_the_failed_beam_runs_again
         status = inst.mqi("status")
         line = next(ln for ln in status.stdout.splitlines() if ln.startswith("rerun-case"))
         assert "COMPLETED (try 2)" in line
+
+        # a case that failed under `mqi run` (in the CLI's process, no deployment) is
+        # rerun through the deployment, reusing what the CLI's run finished
+        inst.set_control(duration=0.3, batches=2, fail={"2": "fatal"})
+        write_case(inst.root / "elsewhere", "cli-case", beams=2, layers=2, seed=5)
+        failed_run = inst.mqi("run", str(inst.root / "elsewhere" / "cli-case"))
+        assert failed_run.returncode != 0, failed_run.stdout
+        inst.set_control(duration=0.3, batches=2)
+        rerun = inst.mqi("rerun", "cli-case")
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert "made by `mqi run`" in rerun.stdout
+        cli_starts = [e for e in inst.events("tps_env")
+                      if e["event"] == "start" and "/cli-case/" in e["input"]]
+        assert sorted(e["beam"] for e in cli_starts) == ["2", "2", "3"]
     finally:
         up.send_signal(signal.SIGTERM)
         try:
