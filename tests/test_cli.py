@@ -119,9 +119,11 @@ def test_rerun_needs_a_case_or_all_failed():
 def _every_parser(parser):
     yield parser
     for action in parser._actions:
-        for sub in getattr(action, "choices", None) or {}:
-            if isinstance(action.choices[sub], type(parser)):
-                yield from _every_parser(action.choices[sub])
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict):  # subcommands; a list is an option's choices
+            for sub in choices.values():
+                if isinstance(sub, type(parser)):
+                    yield from _every_parser(sub)
 
 
 @pytest.mark.parametrize("parser", list(_every_parser(build_parser())),
