@@ -28,29 +28,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from watchdog.events import (
-    EVENT_TYPE_CLOSED,
-    EVENT_TYPE_CREATED,
-    EVENT_TYPE_DELETED,
-    EVENT_TYPE_MODIFIED,
-    EVENT_TYPE_MOVED,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirModifiedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -59,164 +38,24 @@ if sys.platform.startswith("linux"):
     from watchdog.observers.inotify import InotifyObserver
 
 from config import MqiConfig
+from deployments.intake import WRITE_EVENTS, Candidate, Verdict, WriteEvents, emit, os_problem
+from deployments.run_starter import PrefectStarter
 from flows.case_inspection import (
     CaseRejected,
     Signature,
     content_digest,
     content_signature,
-    describe_file,
     inspect_case,
 )
 from flows.commands import CaseIdError, validate_case_id
-from flows.naming import DEPLOYMENT, case_tag, run_name
-
-if TYPE_CHECKING:
-    from uuid import UUID
-
-    from prefect.client.orchestration import SyncPrefectClient
 
 log = logging.getLogger("mqi.sensor")
 
 StartCase = Callable[[str, str, str], str]
 """start(case_dir, case_id, idempotency_key) -> flow run id"""
 
-# What someone writing does. Opening, reading (inotify's access) and closing
-# without writing are someone reading: they are not activity.
-WRITE_EVENTS: tuple[type[FileSystemEvent], ...] = (
-    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, FileMovedEvent,
-    DirMovedEvent, FileDeletedEvent, DirDeletedEvent, FileClosedEvent)
-WRITE_EVENT_TYPES = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_MOVED,
-                               EVENT_TYPE_DELETED, EVENT_TYPE_CLOSED})
 # How long the sensor sleeps when every candidate is judged; a file event wakes it.
 IDLE_TICK = 1.0
-
-
-@dataclass
-class Verdict:
-    """Why a settled folder was not started, and what it was judged on."""
-
-    # the folder's listing and whether the ready marker was there; None: judged by its name
-    seen: tuple[Signature, bool] | None
-    last_event: float  # the candidate's last_event when judged
-    state: str  # waiting (a piece may still arrive), refused or unreadable
-    reason: str
-    listed_at: float  # when the listing was last found unchanged
-
-
-@dataclass
-class Candidate:
-    """A case folder the sensor has seen and not yet started for its current content."""
-
-    name: str
-    first_seen: float
-    last_event: float
-    reported: set[str] = field(default_factory=set)
-    verdict: Verdict | None = None
-    recheck: bool = False  # a rescan asks: did the listing change without an event?
-
-    def judged(self, now: float, relist_every: float) -> bool:
-        """True while the last verdict stands without a look: no event since, no rescan
-        asking, and its listing was compared less than ``relist_every`` ago."""
-        return self.verdict is not None and not self.recheck \
-            and self.last_event == self.verdict.last_event \
-            and now - self.verdict.listed_at < relist_every
-
-
-class PrefectStarter:
-    """Creates ``process_case`` runs through the deployment, over one long-lived client.
-
-    The same as ``run_deployment(..., timeout=0)``, without a new client and a
-    deployment lookup per case (which cost seconds on a busy server).
-    """
-
-    def __init__(self, deployment: str = DEPLOYMENT) -> None:
-        self.deployment = deployment
-        # The client stays open from the first case to close(); the stack holds it
-        # the way prefect-shell's ShellOperation holds what it opens.
-        self._exit_stack = ExitStack()
-        self._client: SyncPrefectClient | None = None
-        self._deployment_id: UUID | None = None
-
-    def warm_up(self) -> None:
-        """Open the client and find the deployment now, not when the first case is ready."""
-        self._ready()
-
-    def _ready(self) -> tuple[SyncPrefectClient, UUID]:
-        from prefect.client.orchestration import get_client
-
-        if self._client is None:
-            client = self._exit_stack.enter_context(get_client(sync_client=True))
-            _ask_again_soon(client)
-            self._client = client
-        if self._deployment_id is None:
-            self._deployment_id = self._client.read_deployment_by_name(self.deployment).id
-        return self._client, self._deployment_id
-
-    def __call__(self, case_dir: str, case_id: str, key: str) -> str:
-        client, deployment_id = self._ready()
-        run = client.create_flow_run_from_deployment(
-            deployment_id, parameters={"case_dir": case_dir}, idempotency_key=key,
-            name=run_name(case_id), tags=[case_tag(case_id)])
-        return str(run.id)
-
-    def close(self) -> None:
-        self._client = None
-        self._exit_stack.close()
-
-
-def _ask_again_soon(client: object) -> None:
-    """Let the client's connection re-send a request the API answered "busy" at once.
-
-    The embedded server answers 503 when SQLite is busy with another writer for a
-    moment; Prefect's client then waits 2 s before asking again, the whole start
-    latency budget. The transport Prefect built (TLS, limits, auth headers stay
-    its own) is wrapped so such a request is re-sent within milliseconds; Prefect's
-    slower retries remain behind it. Where the client's insides differ, nothing is
-    changed: starts are then only slower under load.
-    """
-    from deployments.busy_retry import BusyRetryTransport
-
-    inner = getattr(getattr(client, "_client", None), "_transport", None)
-    if inner is not None and not isinstance(inner, BusyRetryTransport):
-        client._client._transport = BusyRetryTransport(inner)  # type: ignore[attr-defined]
-
-
-def _os_problem(case_dir: Path, exc: OSError) -> str:
-    """An OS error about a case's file, without the patient id a file name may carry."""
-    what = exc.strerror or type(exc).__name__
-    if exc.filename is None:
-        return what
-    path = Path(os.fsdecode(exc.filename))
-    for root in (case_dir, case_dir.resolve()):
-        with suppress(ValueError):
-            return f"{describe_file(path.relative_to(root))}: {what}"
-    return what
-
-
-def emit(event: str, case_id: str, **payload: object) -> None:
-    """A Prefect event about a case (the automations' and the UI's view of the sensor)."""
-    try:
-        from prefect.events import emit_event
-
-        emit_event(event=event, resource={"prefect.resource.id": f"mqi.case.{case_id}",
-                                          "prefect.resource.name": case_id},
-                   payload={k: str(v) for k, v in payload.items()})
-    except Exception as exc:  # noqa: BLE001 - an event is a courtesy, never a crash
-        log.debug("could not emit %s: %s", event, exc)
-
-
-class _Events(FileSystemEventHandler):
-    def __init__(self, sensor: CaseSensor) -> None:
-        self.sensor = sensor
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in WRITE_EVENT_TYPES:
-            return  # opened, accessed, closed without writing: someone only reading
-        if event.event_type == EVENT_TYPE_MOVED and event.is_directory and not event.src_path:
-            self.sensor.moved_in(os.fsdecode(event.dest_path))
-        for path in (event.src_path, getattr(event, "dest_path", "")):
-            if path:
-                self.sensor.touch(os.fsdecode(path))
 
 
 class CaseSensor:
@@ -371,7 +210,7 @@ class CaseSensor:
             signature = content_signature(case_dir, ignore)
         except OSError as exc:
             self._report_once(cand, "unreadable", "case %s cannot be read: %s", case_id,
-                              _os_problem(case_dir, exc))
+                              os_problem(case_dir, exc))
             return False
         done = self.started.get(name)
         if done is not None and done[0] == signature:
@@ -412,7 +251,7 @@ class CaseSensor:
         except CaseRejected as exc:  # incomplete (may still arrive) or refused for good
             return ("waiting" if exc.waiting else "refused"), exc.reason
         except OSError as exc:
-            return "unreadable", _os_problem(case_dir, exc)
+            return "unreadable", os_problem(case_dir, exc)
         return "start", f"{case_id}:{digest[:32]}"
 
     def _start(self, cand: Candidate, case_dir: Path, case_id: str, key: str,
@@ -458,8 +297,8 @@ class CaseSensor:
             else:
                 observer = Observer()
             # Only writes wake the observer: inotify is not even asked for reads.
-            observer.schedule(_Events(self), str(self.root), recursive=True,
-                              event_filter=list(WRITE_EVENTS))
+            observer.schedule(WriteEvents(self.touch, self.moved_in), str(self.root),
+                              recursive=True, event_filter=list(WRITE_EVENTS))
             try:
                 observer.start()
             except OSError as exc:  # inotify watch limit, root vanished in between

@@ -72,7 +72,7 @@ def test_other_errors_pass_through_and_a_busy_api_is_given_up_on():
 def test_the_sensors_client_re_asks_a_busy_api_itself(prefect_api):
     """The wrap is on Prefect's own transport (TLS, limits, auth kept); if Prefect's
     client insides change, this fails rather than starts silently getting slower."""
-    from deployments.sensor import PrefectStarter
+    from deployments.run_starter import PrefectStarter
 
     starter = PrefectStarter()
     try:
