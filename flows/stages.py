@@ -9,11 +9,14 @@ can run any stage.
 from __future__ import annotations
 
 import itertools
+import logging
 import shlex
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -100,16 +103,47 @@ def simulation_recipe(inputs: Mapping[str, Any]) -> str:
     return render_simulation(cfg, layout, inputs["beam"], "{gpu}").recipe
 
 
+_WANTED_NAMES: dict[UUID, str] = {}
+_NAMES_LOCK = threading.Lock()
+
+
 def _name_task_run(name: str) -> None:
-    """Rename the running task run (the dashboard and ``mqi status`` read it)."""
-    from prefect.client.orchestration import get_client
+    """Rename the running task run (the dashboard and ``mqi status`` read it), in the
+    background and best-effort: the simulation never waits for it or fails by it.
+
+    Prefect creates task-run records from the client's events, so the record may
+    not be on the server yet; the rename is tried again for a few seconds. When a
+    beam renames twice (a lost race for a GPU), the newest name wins.
+    """
     from prefect.context import TaskRunContext
 
     context = TaskRunContext.get()
     if context is None:
         return
-    with get_client(sync_client=True) as client:
-        client.set_task_run_name(context.task_run.id, name)
+    run_id = context.task_run.id
+    with _NAMES_LOCK:
+        _WANTED_NAMES[run_id] = name
+    threading.Thread(target=_rename, args=(run_id,), daemon=True,
+                     name=f"rename-{name}").start()
+
+
+def _rename(run_id: UUID) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    for delay in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):
+        time.sleep(delay)
+        with _NAMES_LOCK:
+            name = _WANTED_NAMES[run_id]
+        try:
+            with get_client(sync_client=True) as client:
+                client.set_task_run_name(run_id, name)
+            return
+        except (ObjectNotFound, PrefectHTTPStatusError):
+            continue  # not created on the server yet
+        except Exception as exc:  # noqa: BLE001 - a courtesy: never fail the simulation
+            logging.getLogger("mqi.stages").debug("could not rename task run: %s", exc)
+            return
 
 
 @task(name="simulate", task_run_name="run_moqui_sim-beam{beam.number}",
