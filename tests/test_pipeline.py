@@ -18,7 +18,7 @@ import pytest
 from config import get_config, load_config
 from demo.synthetic_case import BROKEN_KINDS, write_case
 from deployments import server
-from tests.support.pipeline import REPO, Installation, write_installation
+from tests.support.pipeline import REPO, Installation, wait_for, write_installation
 
 pytestmark = pytest.mark.integration
 
@@ -138,9 +138,12 @@ def test_failing_beam_fails_the_case_frees_the_gpu_and_ends_every_task(fresh: In
     assert state.is_failed()
     assert "beam 3" in state.message and "FATAL ERROR" in state.message
     assert all(v == 0 for v in active_slots(fresh).values())  # the GPU came back
-    # the failed beam's convert_to_dicom never started: no task waits for ever
-    tasks = task_runs(state.state_details.flow_run_id)
-    assert tasks and all(t.state.is_final() for t in tasks), \
+    # the failed beam's convert_to_dicom never started: no task waits for ever (task-run
+    # records reach the server through the client's events: give them a moment)
+    run_id = state.state_details.flow_run_id
+    wait_for(lambda: len(task_runs(run_id)) >= 8, 30, "the run's 8 task runs to be recorded")
+    tasks = task_runs(run_id)
+    assert all(t.state.is_final() for t in tasks), \
         [(t.name, t.state.name) for t in tasks if not t.state.is_final()]
     assert "convert_to_dicom-beam3" not in {t.name for t in tasks}
 
