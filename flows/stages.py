@@ -8,6 +8,7 @@ can run any stage.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import shlex
@@ -123,8 +124,10 @@ def _name_task_run(name: str) -> None:
     run_id = context.task_run.id
     with _NAMES_LOCK:
         _WANTED_NAMES[run_id] = name
-    threading.Thread(target=_rename, args=(run_id,), daemon=True,
-                     name=f"rename-{name}").start()
+    # In a copy of this context: Prefect's settings (the API address among them) can
+    # live in context variables, which a new thread would not see.
+    threading.Thread(target=contextvars.copy_context().run, args=(_rename, run_id),
+                     daemon=True, name=f"rename-{name}").start()
 
 
 def _rename(run_id: UUID) -> None:
