@@ -20,9 +20,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
-from config import MqiConfig
+from blocks.errors import HostAuthenticationError, HostKeyError
+from blocks.factory import MissingSecretError
+from config import ConfigError, MqiConfig
 from config.models import BEAM_STEPS, GPU_STEP
-from flows.case_inspection import CaseInfo
+from config.templates import TemplateError
+from flows.case_inspection import CaseInfo, CaseRejected
 from flows.commands import CaseIdError, render_step_command, validate_case_id
 from flows.layout import RemoteLayout, remote_layout, results_dir
 from flows.naming import (
@@ -55,8 +58,21 @@ def _options(cfg: MqiConfig, step: str) -> dict[str, Any]:
     factor = policy.backoff_factor or 1
     return {"retries": retries,
             "retry_delay_seconds": [delay * factor ** i for i in range(retries)] or 0,
+            "retry_condition_fn": may_heal,
             # One result store for every process that may run or rerun this case.
             "result_storage": result_storage(cfg)}
+
+
+WILL_NOT_HEAL: tuple[type[Exception], ...] = (
+    HostAuthenticationError, HostKeyError, MissingSecretError, ConfigError, TemplateError,
+    CaseIdError, CaseRejected)
+"""Failures a retry cannot fix: refused credentials or host key, a missing key file or
+secret, a configuration or template error, a rejected case. They end the stage at once."""
+
+
+def may_heal(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry unless the failure is one that will not heal."""
+    return not isinstance(state.result(raise_on_failure=False), WILL_NOT_HEAL)
 
 
 # ------------------------------------------------------------------------- hooks

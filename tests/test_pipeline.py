@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 
 from config import get_config, load_config
 from demo.synthetic_case import BROKEN_KINDS, write_case
@@ -242,3 +243,29 @@ def test_a_gpu_locked_on_the_host_is_never_shared(fresh: Installation, sshd):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_failure_that_cannot_heal_is_not_retried(fresh: Installation, tmp_path: Path):
+    """A missing key file: the upload ends at once with the reason, although the policy
+    would retry it three times with back-off."""
+    data = yaml.safe_load(fresh.config.read_text())
+    data["hosts"]["gpu"]["private_key_path"] = str(tmp_path / "no-such-key")
+    data["retries"]["steps"] = {"upload": {"retries": 3, "retry_delay_seconds": 10}}
+    broken = tmp_path / "broken-key.yaml"
+    broken.write_text(yaml.safe_dump(data, sort_keys=False))
+    case = write_case(fresh.scan_root, "e2e-no-key", beams=1, layers=2, seed=9)
+    previous = os.environ["MQI_CONFIG_PATH"]
+    os.environ["MQI_CONFIG_PATH"] = str(broken)
+    get_config.cache_clear()
+    try:
+        state = run_case(case)
+    finally:
+        os.environ["MQI_CONFIG_PATH"] = previous
+        get_config.cache_clear()
+    assert state.is_failed()
+    assert "private key file not found" in state.message
+    run_id = state.state_details.flow_run_id
+    wait_for(lambda: any(t.name.startswith("upload") for t in task_runs(run_id)), 30,
+             "the upload's task run to be recorded")
+    upload = next(t for t in task_runs(run_id) if t.name.startswith("upload"))
+    assert upload.state.is_failed() and upload.run_count == 1  # tried once, not 4 times
