@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from deployments.foreground import run_case, use_config
 
     use_config(config_file(args.config))
-    run_case(Path(args.case_dir), args.workflow)
+    run_case(Path(args.case_dir), args.workflow, debug=args.debug)
     return 0
 
 
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = _command(sub, "run", cmd_run, "process one case in the foreground; exit 0 only when "
                    "it COMPLETED", config, workflow)
     run.add_argument("case_dir", help="the case folder (its name is the case id)")
+    run.add_argument("--debug", action="store_true",
+                     help="show Python tracebacks in the terminal (the run log always has them)")
 
     status = _command(sub, "status", cmd_status, "one line per case from the Prefect API",
                       config)

@@ -6,6 +6,7 @@ at import), which is why nothing here imports Prefect at module level.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -59,7 +60,40 @@ def use_config(config_file: Path) -> MqiConfig:
     return cfg
 
 
-def process(case_dir: str, workflow: str) -> str | None:
+class _WithoutTracebacks(logging.Formatter):
+    """Formats as ``inner`` does, leaving out exception tracebacks (the run log keeps them)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _quiet_tracebacks() -> None:
+    """The terminal gets Prefect's lines without tracebacks: a failed case ends with its
+    one-line reason. The API log (the dashboard) and --debug keep them whole."""
+    from prefect.logging.handlers import APILogHandler
+
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, APILogHandler | _WithoutTracebacks) and \
+                    not isinstance(handler.formatter, _WithoutTracebacks):
+                handler.setFormatter(_WithoutTracebacks(handler.formatter))
+
+
+def shown(name: str) -> str:
+    """A name as the terminal shows it: repr'd when it holds control characters."""
+    return name if name.isprintable() else repr(name)
+
+
+def process(case_dir: str, workflow: str, debug: bool = False) -> str | None:
     """Run process_case here; print where a COMPLETED case's results are.
 
     Returns:
@@ -67,8 +101,10 @@ def process(case_dir: str, workflow: str) -> str | None:
     """
     from flows.process_case import process_case
 
+    if not debug:
+        _quiet_tracebacks()
     state = process_case(case_dir=case_dir, workflow=workflow, return_state=True)
-    name = Path(case_dir).name
+    name = shown(Path(case_dir).name)
     if state.is_completed():
         outcome = state.result()
         print(f"case {name}: COMPLETED — results in {outcome.results} "
@@ -77,15 +113,15 @@ def process(case_dir: str, workflow: str) -> str | None:
     return f"case {name}: {state.type.value}" + (f": {state.message}" if state.message else "")
 
 
-def run_case(case_dir: Path, workflow: str) -> None:
+def run_case(case_dir: Path, workflow: str, debug: bool = False) -> None:
     """Process one case folder here.
 
     Raises:
         CaseNotRun: It is not a folder, or its run did not complete (said why).
     """
     if not case_dir.is_dir():
-        raise CaseNotRun(f"not a case folder: {case_dir}")
-    problem = process(str(case_dir.absolute()), workflow)
+        raise CaseNotRun(f"not a case folder: {shown(str(case_dir))}")
+    problem = process(str(case_dir.absolute()), workflow, debug)
     if problem is not None:
         raise CaseNotRun(problem)
 

@@ -41,7 +41,7 @@ from flows.reporting import ProgressReporter, render_report
 from flows.settings import flow_config, flow_host, flow_pool
 
 
-@task(name="inspect")
+@task(name="inspect", task_run_name="inspect")
 def inspect_stage(case_dir: str) -> CaseInfo:
     """Read and check the case folder here, before anything leaves the machine."""
     cfg = flow_config()
@@ -61,7 +61,8 @@ def inspect_stage(case_dir: str) -> CaseInfo:
     return info
 
 
-@task(name="upload", cache_policy=StageIdentity(exclude=("case_dir",)), persist_result=True)
+@task(name="upload", task_run_name="upload", cache_policy=StageIdentity(exclude=("case_dir",)),
+      persist_result=True)
 def upload_stage(case_dir: str, case_id: str, digest: str, remote_dir: str) -> UploadOutcome:
     """Send the case to ``remote_dir``; the same content there again is not sent again."""
     cfg = flow_config()
@@ -192,7 +193,7 @@ def simulate_beam(case_id: str, digest: str, beam: Beam) -> SimulationOutcome:
     raise AssertionError("unreachable")  # itertools.count() never ends
 
 
-@task(name="download", cache_policy=StageIdentity(), persist_result=True)
+@task(name="download", task_run_name="download", cache_policy=StageIdentity(), persist_result=True)
 def download_stage(case_id: str, digest: str, steps: tuple[str, ...],
                    beams: tuple[int, ...]) -> DownloadOutcome:
     """Bring the RT Dose files of every beam back into the case's results folder."""
@@ -204,7 +205,7 @@ def download_stage(case_id: str, digest: str, steps: tuple[str, ...],
     return DownloadOutcome(checksums=result.checksums, seconds=result.seconds)
 
 
-@task(name="verify")
+@task(name="verify", task_run_name="verify")
 def verify_stage(case_id: str, beams: list[int]) -> dict[str, dict[str, str]]:
     """Every beam has a readable RT Dose in the results folder; returns beam → {file: sha}."""
     import pydicom
@@ -228,7 +229,7 @@ def verify_stage(case_id: str, beams: list[int]) -> dict[str, dict[str, str]]:
     return out
 
 
-@task(name="report")
+@task(name="report", task_run_name="report")
 def report_stage(info: CaseInfo, workflow: str, sims: dict[int, SimulationOutcome],
                  files: dict[str, dict[str, str]], started: float) -> str:
     """Write report.md into the results folder and the same text as an artifact."""

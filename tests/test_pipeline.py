@@ -269,3 +269,15 @@ def test_a_failure_that_cannot_heal_is_not_retried(fresh: Installation, tmp_path
              "the upload's task run to be recorded")
     upload = next(t for t in task_runs(run_id) if t.name.startswith("upload"))
     assert upload.state.is_failed() and upload.run_count == 1  # tried once, not 4 times
+
+
+def test_mqi_run_of_a_refused_case_says_why_in_one_line_without_a_traceback(
+        fresh: Installation):
+    case = write_case(fresh.scan_root, "e2e-refused", broken="two_plans")
+    quiet = fresh.mqi("run", str(case))
+    out = quiet.stdout + quiet.stderr
+    assert quiet.returncode == 1 and "Traceback" not in out, out
+    last = quiet.stderr.strip().splitlines()[-1]
+    assert last.startswith("mqi: case e2e-refused: FAILED") and "refused" in last
+    debug = fresh.mqi("run", "--debug", str(case))
+    assert debug.returncode == 1 and "Traceback" in debug.stdout + debug.stderr
