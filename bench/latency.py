@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -50,7 +48,7 @@ def measure(work: Path, sshd: object, *, warm: bool, cases: int, stability: floa
             label: str) -> list[dict[str, float]]:
     """Start `mqi up` with warm_start on or off, drop ``cases`` cases one at a time."""
     from demo.synthetic_case import write_case
-    from tests.support.pipeline import write_installation
+    from tests.support.pipeline import stop, write_installation
 
     inst = write_installation(work / label, sshd)
     data = yaml.safe_load(inst.config.read_text())
@@ -89,11 +87,7 @@ def measure(work: Path, sshd: object, *, warm: bool, cases: int, stability: floa
                   f"{row['pending']:5.2f} s, Running {row['running']:5.2f} s after its marker",
                   flush=True)
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        stop(up, grace=60)
     return rows
 
 

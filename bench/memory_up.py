@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -75,7 +73,7 @@ def measure(work: Path, sshd: object, *, warm: bool, cases: int, sim_seconds: fl
     from blocks import procfs
     from demo.synthetic_case import write_case
     from deployments.supervisor import descendants
-    from tests.support.pipeline import write_installation
+    from tests.support.pipeline import stop, write_installation
 
     inst = write_installation(work / label_, sshd)
     data = yaml.safe_load(inst.config.read_text())
@@ -111,11 +109,7 @@ def measure(work: Path, sshd: object, *, warm: bool, cases: int, sim_seconds: fl
                 break
             time.sleep(0.5)
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(90)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        stop(up, grace=90)
     return {"idle": idle, "peak": peak, "running_max": running_max,
             "states": sorted(r["state"]["type"] for r in runs)}
 

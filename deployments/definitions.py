@@ -55,6 +55,15 @@ class DeploymentSpec:
         """``<flow>/<deployment>``, as run_deployment and the API name it."""
         return f"{self.flow_name}/{self.name}"
 
+    def options(self) -> dict[str, Any]:
+        """The arguments both Runner.add_flow (serve) and Flow.to_deployment (deploy) take,
+        so the two ways to run register the very same deployment."""
+        from prefect.types.entrypoint import EntrypointType
+
+        return {"name": self.name, "tags": list(self.tags), "description": self.description,
+                "parameters": self.parameters, "entrypoint_type": EntrypointType.MODULE_PATH,
+                **self.schedule}
+
     def load(self) -> Any:
         """The flow object (imports the module)."""
         module, _, attribute = self.entrypoint.partition(":")

@@ -37,15 +37,10 @@ def ensure_work_pool(name: str = WORK_POOL) -> bool:
 
 def deploy(cfg: MqiConfig, config_file: Path) -> list[str]:
     """Publish, create the pool, register the deployments; return what was done, in words."""
-    from prefect.types.entrypoint import EntrypointType
-
     done = [f"published {', '.join(publish(cfg, config_file))}"]
     if ensure_work_pool():
         done.append(f"created work pool {WORK_POOL!r} (type process)")
     for spec in DEPLOYMENTS:
-        spec.load().to_deployment(
-            name=spec.name, tags=list(spec.tags), description=spec.description,
-            parameters=spec.parameters, entrypoint_type=EntrypointType.MODULE_PATH,
-            **spec.schedule).apply(work_pool_name=WORK_POOL)
+        spec.load().to_deployment(**spec.options()).apply(work_pool_name=WORK_POOL)
         done.append(f"deployed {spec.full_name} on work pool {WORK_POOL!r}")
     return done

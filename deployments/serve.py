@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     # is started from it directly (multiprocessing, warm when enabled) rather than
     # through `python -m prefect.engine`, which imports everything again.
     from prefect.client.orchestration import get_client
-    from prefect.types.entrypoint import EntrypointType
 
     served: list[str] = []
     with get_client(sync_client=True) as client:
@@ -73,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{spec.full_name} is deployed on work pool {pool!r}: its runs go to "
                       f"the workers there; not served here", flush=True)
                 continue
-            runner.add_flow(spec.load(), name=spec.name, tags=list(spec.tags),
-                            description=spec.description, parameters=spec.parameters,
-                            entrypoint_type=EntrypointType.MODULE_PATH, **spec.schedule)
+            runner.add_flow(spec.load(), **spec.options())
             served.append(spec.full_name)
     with contextlib.suppress(KeyboardInterrupt, TerminationSignal):
         asyncio.run(_run(runner, served))

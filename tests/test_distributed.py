@@ -22,7 +22,7 @@ from demo.synthetic_case import write_case
 from deployments import server
 from deployments.definitions import WORK_POOL
 from flows.naming import CONFIG_BLOCK, DEPLOYMENT
-from tests.support.pipeline import REPO, Installation, wait_for, write_installation
+from tests.support.pipeline import REPO, Installation, stop, wait_for, write_installation
 from tests.support.postgres import postgres_database
 from tests.test_up import flow_runs, state_of
 
@@ -72,17 +72,6 @@ def drop(inst: Installation, staging: Path, case_id: str, beams: int, seed: int)
     staged = write_case(staging, case_id, beams=beams, layers=2, seed=seed)
     os.replace(staged, inst.scan_root / case_id)
     (inst.scan_root / case_id / "_CASE_READY").write_text("")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after a minute."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from blocks import procfs
 from demo.synthetic_case import write_case
 from deployments.supervisor import descendants
 from flows.naming import run_name
-from tests.support.pipeline import REPO, Installation, wait_for, write_installation
+from tests.support.pipeline import REPO, Installation, stop, wait_for, write_installation
 
 pytestmark = pytest.mark.integration
 
@@ -239,9 +239,4 @@ def test_rerun_retries_the_failed_run_itself_and_only_the_failed_beam_runs_again
                       if e["event"] == "start" and "/cli-case/" in e["input"]]
         assert sorted(e["beam"] for e in cli_starts) == ["2", "2", "3"]
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(90)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait()
+        stop(up, grace=90)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -94,6 +95,17 @@ class Installation:
         return subprocess.run([sys.executable, "-m", "deployments.cli", *args],
                               capture_output=True, text=True, env=self.env(), timeout=timeout,
                               cwd=REPO)
+
+
+def stop(proc: subprocess.Popen[Any], grace: float = 60) -> None:
+    """SIGTERM a process (`mqi up`, a worker), then SIGKILL it if it outlives ``grace``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _drain(proc: subprocess.Popen[str], log: Path, first: list[str]) -> None:
