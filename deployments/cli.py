@@ -133,15 +133,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from deployments import server
-    from deployments.foreground import CaseNotRun, chosen_for_rerun, rerun, use_config
+    from deployments.foreground import chosen_for_rerun, rerun, use_config
 
-    path = config_file(args.config)
-    api = load_config(path).prefect.effective_api_url
-    if not server.is_healthy(api):  # the CLI never runs the case itself
-        raise CaseNotRun(f"no Prefect server answers at {api}: a rerun is handed to serve or "
-                         f"a worker; start `mqi up` first")
-    use_config(path)
+    # The CLI never runs the case itself: serve or a worker must be there to take it.
+    use_config(config_file(args.config), need_server="a rerun is handed to serve or a worker")
     rerun(chosen_for_rerun(None if args.all_failed else args.case_id, force=args.force),
           args.workflow, wait=not args.no_wait)
     return 0

@@ -31,16 +31,24 @@ class CaseNotRun(MqiError):
     """A case could not be (re)run, or its run did not complete."""
 
 
-def use_config(config_file: Path) -> MqiConfig:
+def use_config(config_file: Path, need_server: str | None = None) -> MqiConfig:
     """Load the config and point this process (and the flows in it) at it and its API.
+
+    Args:
+        config_file: The configuration.
+        need_server: Why a running server is required (no in-process fallback then).
 
     Raises:
         ConfigError: The file is invalid.
-        ServerError: ``prefect.api_url`` is set and does not answer.
+        ServerError: ``prefect.api_url`` is set and does not answer, or ``need_server``
+            and no server answers.
     """
     cfg = load_config(config_file)
     os.environ[ENV_VAR] = str(config_file)
     api = cfg.prefect.effective_api_url
+    if need_server and not server.is_healthy(api):
+        raise server.ServerError(f"no Prefect server answers at {api}: {need_server}; "
+                                 f"start `mqi up` first")
     if cfg.prefect.api_url is not None or server.is_healthy(api):
         if not server.is_healthy(api):
             raise server.ServerError(f"the Prefect API at {api} (prefect.api_url) is not "
