@@ -19,3 +19,10 @@ class MqiError(Exception):
     """
 
     exit_status: int = 1
+
+    def __init__(self, *args: object) -> None:
+        # Every message passes the one redaction point as it is made: it may reach
+        # a state message, an event, the database or the terminal from here.
+        from config.redaction import redact
+
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))

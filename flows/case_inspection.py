@@ -16,6 +16,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 
 from blocks.manifest import sha256_file
 from config import MqiError
+from config.redaction import Redactor, redact
 from flows.commands import CaseIdError, validate_case_id
 
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
@@ -46,7 +48,7 @@ class CaseRejected(MqiError):
 
     def __init__(self, case_dir: str | os.PathLike[str], reason: str) -> None:
         self.case_dir = str(case_dir)
-        self.reason = reason
+        self.reason = redact(reason)
         super().__init__(f"case {Path(case_dir).name!r} refused: {self._what()}{reason}")
 
     def _what(self) -> str:
@@ -139,26 +141,59 @@ class Signature(NamedTuple):
 def content_signature(case_dir: str | os.PathLike[str], ignore: set[str]) -> Signature:
     """The ``Signature`` of a case folder: cheap, and it changes when content does."""
     count = size = newest = 0
-    listing = hashlib.blake2b(digest_size=16)
+    entries: list[tuple[str, str, int, int, int, int]] = []
     root = os.fspath(case_dir)
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in sorted(dirnames):
-            listing.update(f"d\0{rel_dir}/{name}\n".encode(errors="surrogateescape"))
-        for name in sorted(filenames):
-            if dirpath == root and name in ignore:
-                continue
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue
-            count += 1
-            size += st.st_size
-            newest = max(newest, st.st_mtime_ns)
-            listing.update(f"f\0{rel_dir}/{name}\0{st.st_mode}\0{st.st_size}\0"
-                           f"{st.st_mtime_ns}\0{st.st_ctime_ns}\n"
-                           .encode(errors="surrogateescape"))
-    return Signature(count, size, newest, listing.hexdigest())
+    stack = [""]
+    while stack:  # os.scandir: one stat per entry and no per-entry Path objects
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as listing:
+            for entry in listing:
+                if not rel and entry.name in ignore:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(os.path.join(rel, entry.name) if rel else entry.name)
+                    entries.append((rel, entry.name, st.st_mode, 0, 0, 0))
+                    continue
+                count += 1
+                size += st.st_size
+                newest = max(newest, st.st_mtime_ns)
+                entries.append((rel, entry.name, st.st_mode, st.st_size, st.st_mtime_ns,
+                                st.st_ctime_ns))
+    entries.sort()
+    digest = hashlib.blake2b(repr(entries).encode(errors="surrogateescape"), digest_size=16)
+    return Signature(count, size, newest, digest.hexdigest())
+
+
+def folder_shape(case_dir: str | os.PathLike[str]) -> str:
+    """A digest of the folder's directories alone: their names, mtimes and ctimes.
+
+    Far cheaper than ``content_signature`` (no file is stat'ed): a file created,
+    deleted or renamed anywhere changes it, a file rewritten in place does not.
+    What a rescan compares for a folder already started, whose in-place writes
+    the observer reports as they happen.
+    """
+    dirs: list[tuple[str, int, int]] = []
+    root = os.fspath(case_dir)
+    st = os.lstat(root)
+    dirs.append(("", st.st_mtime_ns, st.st_ctime_ns))
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    sub = os.path.join(rel, entry.name) if rel else entry.name
+                    with suppress(FileNotFoundError):
+                        st = entry.stat(follow_symlinks=False)
+                        dirs.append((sub, st.st_mtime_ns, st.st_ctime_ns))
+                        stack.append(sub)
+    dirs.sort()
+    return hashlib.blake2b(repr(dirs).encode(errors="surrogateescape"),
+                           digest_size=16).hexdigest()
 
 
 def content_digest(case_dir: str | os.PathLike[str], ignore: set[str]) -> str:
@@ -405,3 +440,46 @@ def inspect_case(case_dir: str | os.PathLike[str], *, id_pattern: str,
         beams=sorted(beams, key=lambda b: b.number), setup_beams=setup, manifest=manifest,
         manifest_digest=manifest_digest(manifest),
         total_bytes=sum(e.size for e in manifest.values()))
+
+
+def case_redactor(case_dir: str | os.PathLike[str], pseudonym: str | None = None) -> Redactor:
+    """The ``Redactor`` for a case folder, from whatever of it can be read cheaply.
+
+    Its identifiers: the plan's PatientID and PatientName (as stored and with spaces),
+    every PlanInfo.txt's patient ids, and the id part of ``.ptn``/``.mgn`` file
+    names (``02_<id>_<plan>_<field>_<layer>``). Reads no spot data, only the
+    plan's two tags and the small PlanInfo files; a broken or partial case gives
+    what it has. ``pseudonym``: what replaces them (default: the case's patient
+    hash, from the DICOM PatientID or else the first id found).
+    """
+    root = Path(case_dir)
+    ids: list[str] = []
+    dicom_id = ""
+    with suppress(OSError):
+        for dirpath, _, filenames in os.walk(root):
+            here = Path(dirpath)
+            for name in filenames:
+                lower = name.lower()
+                if lower.endswith(ID_BEARING_SUFFIXES):
+                    parts = name.rsplit(".", 1)[0].split("_")
+                    if len(parts) >= 3:
+                        ids.append(parts[1])
+                elif name == "PlanInfo.txt":
+                    with suppress(OSError, UnicodeError):
+                        info = read_plan_info(here / name)
+                        ids += [v for k, v in info.items() if "PATIENT" in k.upper() and v]
+                elif here == root and name.startswith("RP") and lower.endswith(".dcm"):
+                    with suppress(Exception):  # any broken plan: inspection says why
+                        plan = pydicom.dcmread(here / name, specific_tags=[
+                            "PatientID", "PatientName", "OtherPatientIDs"], force=True)
+                        dicom_id = str(plan.get("PatientID", "") or "")
+                        person = str(plan.get("PatientName", "") or "")
+                        # The whole name, as stored and as written: its parts alone
+                        # are common words ("SIMULATED", a first name) in messages.
+                        ids += [dicom_id, person, " ".join(person.replace("^", " ").split())]
+                        ids += [str(v) for v in (plan.get("OtherPatientIDs") or [])
+                                if isinstance(plan.get("OtherPatientIDs"), list)]
+    if pseudonym is None:
+        first = dicom_id or next((i for i in ids if len(i) >= 3), "")
+        pseudonym = patient_hash(first) if first else "[patient]"
+    return Redactor(ids, pseudonym)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config import MqiError
+from config.redaction import redact
 
 
 class StageFailed(MqiError):
@@ -31,11 +32,11 @@ class StageFailed(MqiError):
                  exit_code: int | None = None, log_path: str | None = None,
                  detail: str = "") -> None:
         self.step = step
-        self.reason = reason
+        self.reason = redact(reason)  # stage output can name the case's files
         self.beam = beam
         self.exit_code = exit_code
         self.log_path = log_path
-        self.detail = detail
+        self.detail = redact(detail)
         super().__init__(self.summary + (f"\n{detail}" if detail else ""))
 
     @property
