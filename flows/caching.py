@@ -2,7 +2,10 @@
 
 A stage is the same work — safe to take from the result store instead of
 running again — when its task name and its inputs are the same: the case id,
-the case content's digest, the beam, and the command it would run. Tasks take
+the case content's digest, the flow run's id (which names the run's own remote
+work folder, flows/layout.py: a retry of the same flow run finds its earlier
+stages, another run of the same case finds none), the beam, and the command it
+would run. Tasks take
 names, digests and rendered commands (never live clients), so every input is
 hashable and the policy never silently turns caching off. Work whose exact
 command is only known at run time (a simulation's GPU index) adds a *recipe*:

@@ -1,20 +1,27 @@
 """Where a case's files live: on the GPU host (work folder) and here (results).
 
-Every path is derived from the validated case id alone, so a hook that has
-nothing but the flow run's parameters (cancellation, crash) finds the same
-pid files the running stages wrote.
+Each flow run works in its own remote folder,
+``<remote_work_root>/<case_id>/run-<first 8 hex digits of the flow run id>``, so two
+runs of one case (changed content, another workflow) never read or overwrite each
+other's files, whatever else goes wrong. Every path is derived from the validated
+case id and the flow run's id alone, so a hook that has nothing but the flow run
+(cancellation, crash) finds the same pid files the running stages wrote, and a
+retry of the same flow run (``mqi rerun``) finds the files its first try left.
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from uuid import UUID
 
 from config import MqiConfig
 from config.models import CASE_PLACEHOLDERS, STEP_PLACEHOLDERS
 from config.templates import TemplateError
+from flows.naming import short_run_id
 
 if TYPE_CHECKING:
     from flows.case_inspection import Beam
@@ -24,7 +31,7 @@ GpuId = int | str
 
 
 class _Folder:
-    """A fixed folder inside the case's work folder, read as an attribute."""
+    """A fixed folder inside the run's work folder, read as an attribute."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -35,10 +42,23 @@ class _Folder:
 
 @dataclass(frozen=True)
 class RemoteLayout:
-    """The case's working folder on the GPU host."""
+    """One flow run's working folder for its case on the GPU host.
+
+    Attributes:
+        root: ``paths.remote_work_root``.
+        case_id: The validated case id.
+        run: The flow run's short id (``flows.naming.short_run_id``).
+    """
 
     root: str
     case_id: str
+    run: str
+
+    def __post_init__(self) -> None:
+        # The folder is removed with rm -rf at the end of a run: it must be the
+        # run's own folder, never a path that a stray value could widen.
+        if not re.fullmatch(r"[0-9a-f]{8}", self.run):
+            raise ValueError(f"run {self.run!r} is not a short flow run id (8 hex digits)")
 
     case_dir = _Folder("case")
     """The uploaded case folder."""
@@ -51,8 +71,14 @@ class RemoteLayout:
     """RT Dose per beam (``beam_<N>/``): what is downloaded."""
 
     @property
-    def work_dir(self) -> str:
+    def case_root(self) -> str:
+        """``<root>/<case_id>``: holds the case's run folders, nothing of its own."""
         return posixpath.join(self.root, self.case_id)
+
+    @property
+    def work_dir(self) -> str:
+        """``<root>/<case_id>/run-<run>``: everything this run puts on the GPU host."""
+        return posixpath.join(self.case_root, f"run-{self.run}")
 
     def _in(self, *parts: str) -> str:
         return posixpath.join(self.work_dir, *parts)
@@ -120,8 +146,10 @@ class RemoteLayout:
         return values
 
 
-def remote_layout(cfg: MqiConfig, case_id: str) -> RemoteLayout:
-    return RemoteLayout(cfg.paths.remote_work_root.rstrip("/") or "/", case_id)
+def remote_layout(cfg: MqiConfig, case_id: str, flow_run_id: UUID | str) -> RemoteLayout:
+    """The remote work folder of flow run ``flow_run_id`` of case ``case_id``."""
+    return RemoteLayout(cfg.paths.remote_work_root.rstrip("/") or "/", case_id,
+                        short_run_id(flow_run_id))
 
 
 def results_dir(cfg: MqiConfig, case_id: str) -> Path:

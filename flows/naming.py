@@ -9,6 +9,7 @@ Nothing here imports Prefect.
 from __future__ import annotations
 
 import re
+from uuid import UUID
 
 FLOW_NAME = "process_case"
 DEPLOYMENT_NAME = "process-case"
@@ -26,6 +27,19 @@ SIMULATED_TAG = "SIMULATED"
 def run_name(case_id: str) -> str:
     """``case-<case_id>``: the flow run's name, from its creation on."""
     return f"{RUN_PREFIX}{case_id}"
+
+
+def short_run_id(flow_run_id: UUID | str) -> str:
+    """The first 8 hex digits of a flow run's id: what names the run's remote work folder.
+
+    Parsed as a UUID first, so whatever reaches a remote path (and ``rm -rf`` at the
+    end of a run) is hex and nothing else. Two runs of one case sharing these 32 bits
+    is unlikely enough; the folder is for one case's runs only.
+
+    Raises:
+        ValueError: ``flow_run_id`` is not a UUID.
+    """
+    return UUID(str(flow_run_id)).hex[:8]
 
 
 def case_id_from_run_name(name: str) -> str | None:

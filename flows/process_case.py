@@ -77,13 +77,14 @@ def may_heal(task: Any, task_run: Any, state: Any) -> bool:
 
 # ------------------------------------------------------------------------- hooks
 def kill_remote_processes(flow: Any, flow_run: Any, state: Any) -> None:
-    """on_cancellation / on_crashed: kill the case's remote process groups.
+    """on_cancellation / on_crashed: kill this flow run's remote process groups.
 
     Runs in the parent (serve/worker) process with no task context, or in the
     flow-run process when the engine itself reports the crash
     (docs/prefect-behaviours.md#hooks-without-task-context): everything comes
-    from the flow run's parameters (the case id) and the configuration, and
-    running it twice is harmless.
+    from the flow run (its id and the case id in its parameters) and the
+    configuration, and running it twice is harmless. Only this run's pid folder
+    is read: another run of the same case is not this run's to kill.
     """
     logger = logging.getLogger("mqi.process_case")
     attempt = hook_attempt(flow_run)
@@ -93,7 +94,7 @@ def kill_remote_processes(flow: Any, flow_run: Any, state: Any) -> None:
         validate_case_id(case_id, cfg.cases.id_pattern)
     except CaseIdError:
         return
-    layout = remote_layout(cfg, case_id)
+    layout = remote_layout(cfg, case_id, flow_run.id)
     host = flow_host(cfg, attempt)
     listed = host.run(f"ls -1 -- {shlex.quote(layout.pid_dir)}", check=False, stream=False)
     for name in listed.stdout.split():
@@ -101,6 +102,16 @@ def kill_remote_processes(flow: Any, flow_run: Any, state: Any) -> None:
             killed = host.kill_pid_file(f"{layout.pid_dir}/{name}")
             logger.warning("case %s is %s: killed remote %s: %s", case_id, state.name, name,
                            killed)
+
+
+def _flow_run_id() -> str:
+    """This flow run's id: what names its remote work folder and enters its cache keys."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    if not run_id:
+        raise RuntimeError("process_case runs only as a flow run (no flow run id)")
+    return str(run_id)
 
 
 def _run_name() -> str:
@@ -126,9 +137,13 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
     info = inspect_stage(case_dir)
     _tag_run(info)
     case_id, digest = info.case_id, info.manifest_digest
-    layout = remote_layout(cfg, case_id)
+    # Passed to every remote stage as an input (not read inside the tasks): it is part
+    # of their cache keys, so a retry of this run resumes and another run starts afresh
+    # in its own, empty folder (flows/stages.py).
+    run_id = _flow_run_id()
+    layout = remote_layout(cfg, case_id, run_id)
     upload_stage.with_options(**_options(cfg, "upload"))(
-        info.case_dir, case_id, digest, layout.case_dir)
+        info.case_dir, case_id, digest, run_id, layout.case_dir)
 
     steps = cfg.workflows[workflow]
     sims: dict[int, SimulationOutcome] = {}
@@ -138,7 +153,8 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
         step = steps[i]
         if step not in BEAM_STEPS:
             command = render_step_command(cfg, step, layout.step_values(step))
-            case_step.with_options(**_options(cfg, step))(step, case_id, digest, command)
+            case_step.with_options(**_options(cfg, step))(step, case_id, digest, run_id,
+                                                           command)
             i += 1
             continue
         if GPU_STEP in steps[i:] and not sims:
@@ -148,18 +164,22 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
         while i < len(steps) and steps[i] in BEAM_STEPS:
             chain.append(steps[i])
             i += 1
-        sims, failures = _run_beam_chains(cfg, info, layout, chain)
+        sims, failures = _run_beam_chains(cfg, info, run_id, layout, chain)
     if failures:
         raise CaseFailed(case_id, failures)
 
     beams = [b.number for b in info.beams]
     downloaded = download_stage.with_options(**_options(cfg, "download"))(
-        case_id, digest, tuple(steps), tuple(sorted(sims)))
+        case_id, digest, run_id, tuple(steps), tuple(sorted(sims)))
     files = verify_stage(case_id, beams)
     report = report_stage(info, workflow, sims, files, started)
     if cfg.paths.clean_remote_work_dir:
-        flow_host(cfg).run(f"rm -rf -- {shlex.quote(layout.work_dir)}", stream=False,
-                          check=False)
+        # This run's folder, then the case's folder only if no other run's folder is
+        # in it: rmdir refuses a folder that is not empty, so another run of the case
+        # never loses its files to this one.
+        flow_host(cfg).run(f"rm -rf -- {shlex.quote(layout.work_dir)} && "
+                           f"rmdir -- {shlex.quote(layout.case_root)} 2>/dev/null",
+                           stream=False, check=False)
     logger.info("case %s COMPLETED%s: results in %s", case_id,
                 " (SIMULATED)" if cfg.simulated else "", results_dir(cfg, case_id))
     return CaseOutcome(case_id=case_id, results=str(results_dir(cfg, case_id)), report=report,
@@ -167,7 +187,7 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
                        download_seconds=downloaded.seconds)
 
 
-def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, layout: RemoteLayout,
+def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, run_id: str, layout: RemoteLayout,
                      chain: list[str]) -> tuple[dict[int, SimulationOutcome], list[str]]:
     """Run every beam's chain of steps, beams in parallel; return sim results and failures.
 
@@ -182,10 +202,10 @@ def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, layout: RemoteLayout,
         step, beam = chain[position], beams[beam_number]
         if step == GPU_STEP:
             return simulate_beam.with_options(**_options(cfg, step)).submit(
-                case_id, digest, beam)
+                case_id, digest, run_id, beam)
         command = render_step_command(cfg, step, layout.step_values(step, beam))
         return beam_step.with_options(**_options(cfg, step)).submit(
-            step, case_id, digest, beam.number, command)
+            step, case_id, digest, run_id, beam.number, command)
 
     running = {submit(number, 0): (number, 0) for number in beams}
     sims: dict[int, SimulationOutcome] = {}

@@ -4,6 +4,14 @@ Tasks take names, digests and rendered commands, never live clients: each task
 loads the configuration and builds its host itself, so every input is hashable
 for the cache (flows/caching.py) and any process — serve, a worker, the CLI —
 can run any stage.
+
+Every remote stage takes the flow run's id as an input (``flow_run_id``) rather
+than reading ``prefect.runtime.flow_run.id`` itself: it names the run's remote
+work folder (flows/layout.py), and as an input it is part of the stage's cache
+key. A retry of the same flow run (``mqi rerun``) has the same id, so the stages
+it finished are taken from the result store; a new flow run of the same content
+has another id and an empty folder, so it takes nothing from another run — even
+a stage whose command names no path in the folder.
 """
 
 from __future__ import annotations
@@ -63,10 +71,11 @@ def inspect_stage(case_dir: str) -> CaseInfo:
 
 @task(name="upload", task_run_name="upload", cache_policy=StageIdentity(exclude=("case_dir",)),
       persist_result=True)
-def upload_stage(case_dir: str, case_id: str, digest: str, remote_dir: str) -> UploadOutcome:
+def upload_stage(case_dir: str, case_id: str, digest: str, flow_run_id: str,
+                 remote_dir: str) -> UploadOutcome:
     """Send the case to ``remote_dir``; the same content there again is not sent again."""
     cfg = flow_config()
-    layout = remote_layout(cfg, case_id)
+    layout = remote_layout(cfg, case_id, flow_run_id)
     host = flow_host(cfg)
     host.run(f"mkdir -p -- {shlex.quote(layout.pid_dir)} {shlex.quote(layout.log_dir)}",
              stream=False)
@@ -80,28 +89,30 @@ def upload_stage(case_dir: str, case_id: str, digest: str, remote_dir: str) -> U
 
 @task(name="case-step", task_run_name="{step}", cache_policy=StageIdentity(),
       persist_result=True)
-def case_step(step: str, case_id: str, digest: str, command: str) -> StepOutcome:
+def case_step(step: str, case_id: str, digest: str, flow_run_id: str,
+              command: str) -> StepOutcome:
     """A workflow step that runs once per case (``run_interpreter``)."""
     cfg = flow_config()
-    result = run_remote(flow_host(cfg), cfg, remote_layout(cfg, case_id), step, command)
+    result = run_remote(flow_host(cfg), cfg, remote_layout(cfg, case_id, flow_run_id), step,
+                        command)
     return StepOutcome(step=step, seconds=result.duration)
 
 
 @task(name="beam-step", task_run_name="{step}-beam{beam_number}", cache_policy=StageIdentity(),
       persist_result=True)
-def beam_step(step: str, case_id: str, digest: str, beam_number: int,
+def beam_step(step: str, case_id: str, digest: str, flow_run_id: str, beam_number: int,
               command: str) -> StepOutcome:
     """A workflow step that runs once per beam and needs no GPU (``convert_to_dicom``)."""
     cfg = flow_config()
-    result = run_remote(flow_host(cfg), cfg, remote_layout(cfg, case_id), step, command,
-                        beam=beam_number)
+    result = run_remote(flow_host(cfg), cfg, remote_layout(cfg, case_id, flow_run_id), step,
+                        command, beam=beam_number)
     return StepOutcome(step=step, seconds=result.duration, beam=beam_number)
 
 
 def simulation_recipe(inputs: Mapping[str, Any]) -> str:
     """What a beam's simulation computes, with the GPU left open: any GPU will do."""
     cfg = flow_config()
-    layout = remote_layout(cfg, inputs["case_id"])
+    layout = remote_layout(cfg, inputs["case_id"], inputs["flow_run_id"])
     return render_simulation(cfg, layout, inputs["beam"], "{gpu}").recipe
 
 
@@ -152,7 +163,7 @@ def _rename(run_id: UUID) -> None:
 
 @task(name="simulate", task_run_name="run_moqui_sim-beam{beam.number}",
       cache_policy=StageIdentity(recipe=simulation_recipe), persist_result=True)
-def simulate_beam(case_id: str, digest: str, beam: Beam) -> SimulationOutcome:
+def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam) -> SimulationOutcome:
     """Run MOQUI for one beam on one concrete GPU, held for the whole run.
 
     Admission (the GPU concurrency limit) bounds how many run at once; the
@@ -161,7 +172,7 @@ def simulate_beam(case_id: str, digest: str, beam: Beam) -> SimulationOutcome:
     """
     cfg = flow_config()
     logger = get_run_logger()
-    layout = remote_layout(cfg, case_id)
+    layout = remote_layout(cfg, case_id, flow_run_id)
     host = flow_host(cfg)
     pool = flow_pool(cfg)
     waited_from = time.monotonic()
@@ -194,11 +205,11 @@ def simulate_beam(case_id: str, digest: str, beam: Beam) -> SimulationOutcome:
 
 
 @task(name="download", task_run_name="download", cache_policy=StageIdentity(), persist_result=True)
-def download_stage(case_id: str, digest: str, steps: tuple[str, ...],
+def download_stage(case_id: str, digest: str, flow_run_id: str, steps: tuple[str, ...],
                    beams: tuple[int, ...]) -> DownloadOutcome:
     """Bring the RT Dose files of every beam back into the case's results folder."""
     cfg = flow_config()
-    layout = remote_layout(cfg, case_id)
+    layout = remote_layout(cfg, case_id, flow_run_id)
     result = flow_host(cfg).download(layout.dicom_root, results_dir(cfg, case_id) / "dicom")
     get_run_logger().info("download: %d file(s), %.1f MB in %.2f s", len(result.files),
                           result.bytes / 1e6, result.seconds)

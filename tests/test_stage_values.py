@@ -3,14 +3,17 @@ accepts for a step is one the pipeline supplies for that step."""
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
+from uuid import UUID
 
 import pytest
 import yaml
 
-from config import DEFAULT_PATH, load_config
+from config import DEFAULT_PATH, ENV_VAR, load_config
 from config.models import (
     BEAM_STEPS,
     CASE_PLACEHOLDERS,
@@ -21,13 +24,13 @@ from config.models import (
 )
 from flows.case_inspection import Beam
 from flows.commands import render_step_command
-from flows.layout import RemoteLayout
+from flows.layout import RemoteLayout, remote_layout
 from flows.moqui_input import render_simulation
 from flows.outcomes import CaseFailed, SimulationOutcome, StageFailed
 
 BEAM = Beam(number=3, name="Field 2", machine="G2", gantry_num=2, control_points=60,
             delivery_dir="2024010112000001", layers=30)
-LAYOUT = RemoteLayout("/work/mqi", "case-7")
+LAYOUT = RemoteLayout("/work/mqi", "case-7", "0123abcd")
 
 
 def values_for(step: str) -> dict[str, object]:
@@ -67,7 +70,8 @@ def test_beam_dir_reaches_the_simulation_command(tmp_path):
     path = tmp_path / "beam-dir.yaml"
     path.write_text(yaml.safe_dump(data))
     sim = render_simulation(load_config(path), LAYOUT, BEAM, 1)
-    assert shlex.split(sim.command)[-1] == "/work/mqi/case-7/case/2024010112000001"
+    assert shlex.split(sim.command)[-1] == \
+        "/work/mqi/case-7/run-0123abcd/case/2024010112000001"
 
 
 def test_moqui_values_with_the_moqui_section_fill_every_moqui_placeholder():
@@ -130,3 +134,84 @@ def test_stage_identity_is_the_task_name_the_inputs_and_the_recipe():
     recipes = iter(["one", "two"])
     with_recipe = StageIdentity(recipe=lambda inputs: next(recipes))
     assert key(with_recipe, "simulate", beam=2) != key(with_recipe, "simulate", beam=2)
+
+
+# ------------------------------------------------------- one remote folder per flow run
+RUN_A = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
+RUN_B = "7c6d5e4f-3a2b-4c1d-8e0f-123456789abc"
+
+
+def test_the_short_run_id_is_the_flow_run_ids_first_8_hex_digits_and_nothing_else():
+    from flows.naming import short_run_id
+
+    assert short_run_id(RUN_A) == short_run_id(UUID(RUN_A)) == "0f1e2d3c"
+    with pytest.raises(ValueError):
+        short_run_id("../../etc")
+    with pytest.raises(ValueError, match="short flow run id"):
+        RemoteLayout("/work/mqi", "case-7", "../x")  # never a path that widens rm -rf
+
+
+def test_each_flow_run_of_a_case_works_in_its_own_folder_and_the_same_run_in_the_same():
+    cfg = load_config(DEFAULT_PATH)
+    root = cfg.paths.remote_work_root.rstrip("/")
+    a, b = remote_layout(cfg, "case-7", RUN_A), remote_layout(cfg, "case-7", RUN_B)
+    assert a.work_dir == f"{root}/case-7/run-0f1e2d3c" and a.case_root == f"{root}/case-7"
+    assert b.work_dir == f"{root}/case-7/run-7c6d5e4f" and b.case_root == a.case_root
+    assert remote_layout(cfg, "case-7", UUID(RUN_A)) == a  # the hook gets a UUID
+    # every path a stage or a template uses is inside the run's own folder
+    for layout in (a, b):
+        paths = [*layout.step_values(GPU_STEP, BEAM, 0).values(),
+                 *layout.moqui_values(BEAM, 0).values(), layout.pid_file("upload"),
+                 layout.dicom_root, layout.pid_dir]
+        inside = [p for p in paths if isinstance(p, str) and p.startswith("/")]
+        assert inside and all(p.startswith(layout.work_dir) for p in inside), inside
+
+
+def stage_keys(flow_run_id: str) -> dict[str, str]:
+    """The cache key of every cached remote stage of flow run ``flow_run_id``, for one
+    case content, step and beam, with the inputs process_case gives them."""
+    from flows import stages
+
+    cfg = load_config(DEFAULT_PATH)
+    layout = remote_layout(cfg, "case-7", flow_run_id)
+    common = {"case_id": "case-7", "digest": "d" * 64, "flow_run_id": flow_run_id}
+
+    def command(step: str) -> str:
+        return render_step_command(cfg, step, layout.step_values(
+            step, BEAM if step in BEAM_STEPS else None))
+
+    calls = {
+        stages.upload_stage: {"case_dir": "/scan/case-7", "remote_dir": layout.case_dir},
+        stages.case_step: {"step": "run_interpreter", "command": command("run_interpreter")},
+        stages.beam_step: {"step": "convert_to_dicom", "beam_number": BEAM.number,
+                           "command": command("convert_to_dicom")},
+        stages.simulate_beam: {"beam": BEAM},
+        stages.download_stage: {"steps": ("run_interpreter", GPU_STEP, "convert_to_dicom"),
+                                "beams": (BEAM.number,)},
+    }
+    keys = {}
+    for task, own in calls.items():
+        inputs = {**common, **own}
+        inspect.signature(task.fn).bind(**inputs)  # exactly the task's parameters
+        ctx = SimpleNamespace(task=task)
+        keys[task.name] = task.cache_policy.compute_key(ctx, inputs, {})
+    return keys
+
+
+def test_another_flow_run_of_the_same_case_takes_no_cached_stage_and_a_retry_takes_all(
+        monkeypatch):
+    """A retry of the same flow run (`mqi rerun`) resumes from the result store; a new
+    flow run of the same content starts in an empty folder, so it must not."""
+    from flows.stages import simulation_recipe
+
+    monkeypatch.setenv(ENV_VAR, str(DEFAULT_PATH))  # what simulation_recipe loads
+    first, again, other = stage_keys(RUN_A), stage_keys(RUN_A), stage_keys(RUN_B)
+    assert set(first) == {"upload", "case-step", "beam-step", "simulate", "download"}
+    assert first == again
+    assert all(first[name] != other[name] for name in first), \
+        [name for name in first if first[name] == other[name]]
+    # the simulation's recipe itself (command and input file) is the run's own too
+    recipes = {run: simulation_recipe({"case_id": "case-7", "flow_run_id": run, "beam": BEAM})
+               for run in (RUN_A, RUN_B)}
+    assert "/run-0f1e2d3c/" in recipes[RUN_A] and "/run-7c6d5e4f/" in recipes[RUN_B]
+    assert recipes[RUN_A].replace("run-0f1e2d3c", "run-7c6d5e4f") == recipes[RUN_B]
