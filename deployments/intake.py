@@ -72,9 +72,11 @@ class Verdict:
     # the folder's listing and whether the ready marker was there; None: judged by its name
     seen: tuple[Signature, bool] | None
     last_event: float  # the candidate's last_event when judged
-    state: str  # waiting (a piece may still arrive), refused or unreadable
+    state: str  # waiting (a piece may still arrive), refused, or start (see key)
     reason: str
     listed_at: float  # when the listing was last found unchanged
+    key: str | None = None
+    """Complete, with this run key: its run waits for the case's active run, or the API."""
 
 
 @dataclass
@@ -84,9 +86,11 @@ class Candidate:
     name: str
     first_seen: float
     last_event: float
-    reported: set[str] = field(default_factory=set)
+    reported: set[object] = field(default_factory=set)
     verdict: Verdict | None = None
     recheck: bool = False  # a rescan asks: did the listing change without an event?
+    quick: bool = False
+    """Found by a rescan, no write seen since: a started folder's directories suffice."""
 
     def judged(self, now: float, relist_every: float) -> bool:
         """True while the last verdict stands without a look: no event since, no rescan
@@ -109,7 +113,10 @@ def os_problem(case_dir: Path, exc: OSError) -> str:
 
 
 def emit(event: str, case_id: str, **payload: object) -> None:
-    """A Prefect event about a case (the automations' and the UI's view of the sensor)."""
+    """A Prefect event about a case (the automations' and the UI's view of the sensor).
+
+    Every text in it has passed the case's redactor (``config.redaction``) already.
+    """
     try:
         from prefect.events import emit_event
 

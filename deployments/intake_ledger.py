@@ -14,6 +14,8 @@ file, not a rewrite of all of them at each change.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sqlite3
 import time
 from dataclasses import astuple, dataclass, fields, replace
@@ -45,6 +47,8 @@ class IntakeEntry:
     """Wall-clock time (epoch seconds) this state and reason began."""
     listing: str | None = None
     """The folder's signature (``Signature.listing``) when it was started."""
+    shape: str | None = None
+    """Its directories' shape (``folder_shape``) then: what a rescan compares."""
     run_key: str | None = None
     flow_run_id: str | None = None
 
@@ -55,6 +59,10 @@ class IntakeEntry:
 
 
 _COLUMNS = tuple(f.name for f in fields(IntakeEntry))
+# Built once from the dataclass's own field names (no outside text reaches them).
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM intake"  # noqa: S608
+_UPSERT = (f"INSERT OR REPLACE INTO intake ({', '.join(_COLUMNS)}) "  # noqa: S608
+           f"VALUES ({', '.join('?' * len(_COLUMNS))})")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS intake (
     folder TEXT PRIMARY KEY,
@@ -62,6 +70,7 @@ CREATE TABLE IF NOT EXISTS intake (
     reason TEXT,
     since REAL NOT NULL,
     listing TEXT,
+    shape TEXT,
     run_key TEXT,
     flow_run_id TEXT
 )
@@ -69,11 +78,14 @@ CREATE TABLE IF NOT EXISTS intake (
 
 
 def ledger_path(cfg: MqiConfig) -> Path:
-    return Path(cfg.paths.data_dir) / "sensor" / "intake.sqlite3"
+    """One ledger per scan root: another root's folders of the same name are others."""
+    root = os.path.abspath(os.path.expanduser(str(cfg.scanner.target_directory)))
+    tag = hashlib.blake2b(root.encode(errors="surrogateescape"), digest_size=6).hexdigest()
+    return Path(cfg.paths.data_dir) / "sensor" / f"intake-{tag}.sqlite3"
 
 
 class IntakeLedger:
-    """The rows of one scan root's folders. Not shared between threads."""
+    """The rows of one scan root's folders, used by one thread at a time."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
@@ -81,7 +93,9 @@ class IntakeLedger:
             self._db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5.0)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None)
+            # Made where the sensor is built, used in its loop's thread: one at a time.
+            self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None,
+                                       check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
@@ -100,7 +114,7 @@ class IntakeLedger:
             ledger.close()
 
     def entries(self) -> dict[str, IntakeEntry]:
-        rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM intake").fetchall()
+        rows = self._db.execute(_SELECT).fetchall()
         out = {}
         for row in rows:
             entry = IntakeEntry(*row)
@@ -112,9 +126,7 @@ class IntakeLedger:
         if not entry.since:
             entry = replace(entry, since=time.time())
         self._db.execute(
-            f"INSERT OR REPLACE INTO intake ({', '.join(_COLUMNS)}) "
-            f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-            tuple(str(v) if isinstance(v, IntakeState) else v for v in astuple(entry)))
+            _UPSERT, tuple(str(v) if isinstance(v, IntakeState) else v for v in astuple(entry)))
 
     def forget(self, folder: str) -> None:
         self._db.execute("DELETE FROM intake WHERE folder = ?", (folder,))

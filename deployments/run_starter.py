@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flows.naming import DEPLOYMENT, case_tag, run_name
@@ -50,9 +51,53 @@ class PrefectStarter:
             name=run_name(case_id), tags=[case_tag(case_id)])
         return str(run.id)
 
+    def active_runs(self, case_id: str) -> list[ActiveRun]:
+        """The case's flow runs that have not ended, oldest first."""
+        client, _ = self._ready()
+        return active_runs(client, case_id)
+
     def close(self) -> None:
         self._client = None
         self._exit_stack.close()
+
+
+@dataclass(frozen=True)
+class ActiveRun:
+    """A flow run of a case that has not ended (scheduled, waiting, running...)."""
+
+    id: str
+    key: str | None
+    """Its idempotency key: which content it was created for."""
+    state: str
+
+    @property
+    def short(self) -> str:
+        return self.id[:8]
+
+
+ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
+
+
+def active_runs(client: SyncPrefectClient, case_id: str) -> list[ActiveRun]:
+    """Every flow run of ``case_id`` that has not ended, oldest first: whoever made it
+    (the sensor, `mqi run`, `mqi rerun`, the UI), one case never has two at once."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[run_name(case_id)]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType(s) for s in ACTIVE_STATES]))),
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=20)
+    return [ActiveRun(str(r.id), r.idempotency_key,
+                      (r.state.name if r.state else None) or "Pending") for r in runs]
 
 
 def _ask_again_soon(client: object) -> None:

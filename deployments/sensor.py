@@ -28,6 +28,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 
 from watchdog.observers import Observer
@@ -39,12 +41,15 @@ if sys.platform.startswith("linux"):
 
 from config import MqiConfig
 from deployments.intake import WRITE_EVENTS, Candidate, Verdict, WriteEvents, emit, os_problem
-from deployments.run_starter import PrefectStarter
+from deployments.intake_ledger import IntakeEntry, IntakeLedger, IntakeState, ledger_path
+from deployments.run_starter import ActiveRun, PrefectStarter
 from flows.case_inspection import (
     CaseRejected,
     Signature,
+    case_redactor,
     content_digest,
     content_signature,
+    folder_shape,
     inspect_case,
 )
 from flows.commands import CaseIdError, validate_case_id
@@ -56,6 +61,9 @@ StartCase = Callable[[str, str, str], str]
 
 # How long the sensor sleeps when every candidate is judged; a file event wakes it.
 IDLE_TICK = 1.0
+# How often a complete case whose run cannot be created yet (the case's active run
+# has not ended, the API does not answer) is tried again; its content is not re-read.
+RETRY_START_EVERY = 2.0
 
 
 class CaseSensor:
@@ -68,7 +76,10 @@ class CaseSensor:
         self.start_case = start or PrefectStarter()
         self.clock = clock
         self.candidates: dict[str, Candidate] = {}
-        self.started: dict[str, tuple[Signature, str]] = {}  # name -> (signature, key)
+        # Every folder's intake state, as the operator sees it (mqi status) and as a
+        # restarted sensor finds it: a started folder unchanged since is not read again.
+        self.ledger = IntakeLedger(ledger_path(cfg))
+        self.intake: dict[str, IntakeEntry] = self.ledger.entries()
         self._lock = threading.Lock()
         self._wake = threading.Event()  # set by file events: someone wrote
         # Case folders with a folder moved in from outside the scan root since the
@@ -77,6 +88,7 @@ class CaseSensor:
         self._unwatched: set[str] = set()
         self._observer: BaseObserver | None = None
         self._last_rescan = 0.0
+        self._caught_up = False  # the first scan compares every file; later ones, folders
         self._root_problem: str | None = None
         self._warm = self._warm_failed = False
         self._last_warm_try = float("-inf")
@@ -108,28 +120,83 @@ class CaseSensor:
                 self.candidates[name] = Candidate(name, now, now)
             else:
                 cand.last_event = now
+                cand.quick = False  # a write: compare every file, not only the folders
         self._wake.set()
 
     def rescan(self) -> None:
         """Make every folder under the root a candidate (catch-up, and missed events)."""
         self._last_rescan = self.clock()
         try:
-            names = [e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+            names = [e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)
+                     or e.is_symlink()]
         except OSError as exc:
             self._say_root_problem(f"cannot read the scan root {self.root}: {exc}")
             return
         now = self.clock()
         with self._lock:
             for name in names:
-                # No event time: stability is judged from the files' own mtimes.
-                self.candidates.setdefault(name, Candidate(name, now, float("-inf")))
+                # No event time: stability is judged from the files' own mtimes. After
+                # the catch-up, a started folder's directories alone are compared: the
+                # observer reports writes inside them as they happen.
+                self.candidates.setdefault(
+                    name, Candidate(name, now, float("-inf"), quick=self._caught_up))
             for cand in self.candidates.values():
                 cand.recheck = True  # a judged folder's listing is compared once more
+        for gone in set(self.intake) - set(names):  # removed while nobody looked
+            with self._lock:
+                if gone not in self.candidates:
+                    self._forget(gone)
+        self._caught_up = True
 
     def _say_root_problem(self, message: str) -> None:
         if self._root_problem != message:
             log.error("%s; waiting for it", message)
             self._root_problem = message
+
+    # -------------------------------------------------------------- intake state
+    def _set(self, name: str, state: IntakeState, reason: str | None = None,
+             **started: str | None) -> None:
+        """Record a folder's intake state; a change of state or reason is logged once and
+        emitted once (``mqi.case.<state>``), whatever the number of looks."""
+        old = self.intake.get(name)
+        entry = IntakeEntry(name, state, reason, **started)  # type: ignore[arg-type]
+        said = entry.same_as(old)
+        if said and old is not None:
+            entry = replace(entry, since=old.since)
+            if entry == old:
+                return
+        self.intake[name] = entry = replace(entry, since=entry.since or time.time())
+        self.ledger.put(entry)
+        if said:
+            return
+        shown = name if name.isprintable() else repr(name)
+        if state is IntakeState.STARTED:
+            pass  # _start says it, with how the case was found complete
+        elif state is IntakeState.REFUSED:
+            log.warning("case folder %s refused: %s", shown, reason)
+        else:
+            log.info("case folder %s %s%s", shown, state.lower(),
+                     f": {reason}" if reason else "")
+        emit(f"mqi.case.{state.lower()}", shown, reason=reason or "",
+             flow_run_id=entry.flow_run_id or "")
+
+    def _forget(self, name: str) -> None:
+        if self.intake.pop(name, None) is not None:
+            self.ledger.forget(name)
+
+    def _warn_if_long(self, cand: Candidate) -> None:
+        """The "still waiting after a long time" warning, once per wait."""
+        entry = self.intake.get(cand.name)
+        if entry is None or entry.state is not IntakeState.WAITING:
+            return
+        waited = time.time() - entry.since
+        if waited >= self.cfg.scanner.incomplete_report_after_seconds \
+                and ("incomplete", entry.since) not in cand.reported:
+            cand.reported.add(("incomplete", entry.since))
+            log.warning("case folder %s is still waiting after %.0f s: %s", cand.name, waited,
+                        entry.reason)
+            emit("mqi.case.incomplete", cand.name, reason=entry.reason or "",
+                 waited_s=round(waited))
 
     # ---------------------------------------------------------------- decisions
     def step(self) -> bool:
@@ -158,90 +225,93 @@ class CaseSensor:
 
     def _judged(self, cand: Candidate) -> bool:
         """Whether the candidate's verdict stands without a look. Where no event tells of
-        writes (a moved-in folder), its listing is compared once a stability window."""
+        writes (a moved-in folder), its listing is compared once a stability window; a
+        case waiting for its active run, or for the API, is looked at again soon."""
         relist = self.cfg.scanner.stability_seconds if cand.name in self._unwatched \
             else math.inf
+        if cand.verdict is not None and cand.verdict.key is not None:
+            relist = min(relist, RETRY_START_EVERY)
         return cand.judged(self.clock(), relist)
-
-    def _report_once(self, cand: Candidate, kind: str, message: str, *args: object) -> None:
-        if kind not in cand.reported:
-            cand.reported.add(kind)
-            log.warning(message, *args)
-            emit(f"mqi.case.{kind}", cand.name, message=message % args)
-
-    def _report_verdict(self, cand: Candidate, case_id: str) -> None:
-        """Say why a settled case does not start: unreadable at once, the rest once it lasts."""
-        verdict = cand.verdict
-        assert verdict is not None
-        if verdict.state == "unreadable":
-            self._report_once(cand, "unreadable", "case %s cannot be read: %s", case_id,
-                              verdict.reason)
-            return
-        waited = self.clock() - cand.first_seen
-        if waited < self.cfg.scanner.incomplete_report_after_seconds:
-            return
-        if verdict.state == "waiting":
-            self._report_once(cand, "incomplete", "case %s is still incomplete after %.0f s: "
-                              "%s", case_id, waited, verdict.reason)
-        else:
-            self._report_once(cand, "refused", "case %s refused: %s", case_id, verdict.reason)
 
     def _consider(self, name: str) -> bool:
         """True when the candidate is settled (started, unchanged, gone or refused)."""
         cand = self.candidates[name]
         if self._judged(cand):  # nothing written since it was judged: no need to look
-            self._report_verdict(cand, name)
+            self._warn_if_long(cand)
             return False
         case_dir = self.root / name
         scanner = self.cfg.scanner
-        if not case_dir.is_dir() or case_dir.is_symlink():
-            if case_dir.is_symlink():
-                self._report_once(cand, "refused", "case folder %r is a symbolic link; "
-                                  "refused", name)
+        if case_dir.is_symlink():
+            self._set(name, IntakeState.REFUSED, "the case folder is a symbolic link; "
+                      "links are not accepted")
+            return True
+        if not case_dir.is_dir():
+            self._forget(name)
             return True
         try:
             case_id = validate_case_id(name, self.cfg.cases.id_pattern)
         except CaseIdError as exc:
-            self._report_once(cand, "refused", "case folder %r refused: %s", name, exc)
-            cand.verdict = Verdict(None, cand.last_event, "refused", str(exc), self.clock())
-            return False
+            self._set(name, IntakeState.REFUSED, str(exc))
+            return True  # a name never becomes valid: renaming it makes another folder
+        entry = self.intake.get(name)
+        started = entry if entry is not None and entry.state is IntakeState.STARTED else None
+        if started is not None and cand.quick and started.shape is not None:
+            with suppress(OSError):
+                if folder_shape(case_dir) == started.shape:
+                    return True  # no file came, went or was renamed: not read again
         ignore = {scanner.ready_marker}
         try:
             signature = content_signature(case_dir, ignore)
         except OSError as exc:
-            self._report_once(cand, "unreadable", "case %s cannot be read: %s", case_id,
-                              os_problem(case_dir, exc))
-            return False
-        done = self.started.get(name)
-        if done is not None and done[0] == signature:
+            self._set(name, IntakeState.WAITING, f"cannot be read: {os_problem(case_dir, exc)}")
+            return False  # looked at again each tick: a permission fixed is no event
+        if started is not None and started.listing == signature.listing:
+            self._keep_shape(started, case_dir)
             return True  # already started for exactly this content
         marker = (case_dir / scanner.ready_marker).exists()
         event_at = cand.last_event
         seen = (signature, marker)
-        if cand.verdict is None or cand.verdict.seen != seen:  # new content
+        verdict = cand.verdict
+        if verdict is not None and verdict.seen == seen and verdict.key is not None:
+            # Complete and judged: its run waits for the case's active run, or the API.
+            return self._start(cand, case_dir, case_id, verdict.key, signature, marker)
+        if verdict is None or verdict.seen != seen:  # new content
             if not marker and min(self.clock() - event_at,
                                   time.time() - signature.newest_ns / 1e9) \
                     < scanner.stability_seconds:
-                return False  # still arriving
+                self._set(name, IntakeState.ARRIVING, "files are still being written")
+                return False
             state, said = self._judge(case_dir, case_id, marker, ignore)
             if state == "start":
                 cand.verdict = None
                 return self._start(cand, case_dir, case_id, said, signature, marker)
             cand.verdict = Verdict(seen, event_at, state, said, self.clock())
+            self._set(name, IntakeState.REFUSED if state == "refused" else IntakeState.WAITING,
+                      said)
         # The same listing as judged (a rescan, an event that changed nothing): the same
         # verdict, until the next write.
+        assert cand.verdict is not None
         cand.verdict.last_event = event_at
         cand.verdict.listed_at = self.clock()
         cand.recheck = False
-        self._report_verdict(cand, case_id)
+        self._warn_if_long(cand)
         return False
+
+    def _keep_shape(self, entry: IntakeEntry, case_dir: Path) -> None:
+        """Remember the started folder's directory shape as it is now (same files)."""
+        with suppress(OSError):
+            shape = folder_shape(case_dir)
+            if shape != entry.shape:
+                self._set(entry.folder, IntakeState.STARTED, listing=entry.listing,
+                          shape=shape, run_key=entry.run_key, flow_run_id=entry.flow_run_id)
 
     def _judge(self, case_dir: Path, case_id: str, marker: bool,
                ignore: set[str]) -> tuple[str, str]:
         """("start", run key), or why not: ("waiting" | "refused" | "unreadable", reason).
 
         With the ready marker the case is not inspected here (its run does it); without
-        it, inspection must accept it. The key names the content, read whole.
+        it, inspection must accept it. The key names the content, read whole. A reason
+        passes the case's redactor: a patient id never leaves in it.
         """
         try:
             if not marker:
@@ -249,35 +319,59 @@ class CaseSensor:
                              scan_root=self.root, ignore=ignore)
             digest = content_digest(case_dir, ignore)
         except CaseRejected as exc:  # incomplete (may still arrive) or refused for good
-            return ("waiting" if exc.waiting else "refused"), exc.reason
+            return ("waiting" if exc.waiting else "refused"), \
+                case_redactor(case_dir).redact(exc.reason)
         except OSError as exc:
-            return "unreadable", os_problem(case_dir, exc)
+            return "waiting", f"cannot be read: {os_problem(case_dir, exc)}"
         return "start", f"{case_id}:{digest[:32]}"
 
     def _start(self, cand: Candidate, case_dir: Path, case_id: str, key: str,
                signature: Signature, marker: bool) -> bool:
-        """Create the run for ``key``; True when it exists (now or from before)."""
+        """Create the run for ``key``; True when it exists (now or from before). While
+        another run of the case is active the content waits (QUEUED) and runs, once,
+        when that run has ended: never two runs of one case at once."""
         name = cand.name
         if content_signature(case_dir, {self.cfg.scanner.ready_marker}) != signature:
+            cand.verdict = None
             return False  # changed while we read it: look again later
-        done = self.started.get(name)
-        if done is not None and done[1] == key:
-            self.started[name] = (signature, key)
+        shape = folder_shape(case_dir)
+        entry = self.intake.get(name)
+        if entry is not None and entry.state is IntakeState.STARTED and entry.run_key == key:
+            self._set(name, IntakeState.STARTED, listing=signature.listing, shape=shape,
+                      run_key=key, flow_run_id=entry.flow_run_id)
             return True
+        cand.verdict = Verdict((signature, marker), cand.last_event, "start", "",
+                               self.clock(), key=key)
         asked = time.monotonic()
         try:
-            run_id = self.start_case(str(case_dir), case_id, key)
+            active = self._active_runs(case_id)
+            ours = next((r for r in active if r.key == key), None)
+            if ours is None and active:
+                first = active[0]
+                self._set(name, IntakeState.QUEUED,
+                          f"run {first.short} of this case is {first.state.lower()}; this "
+                          f"content starts when it has ended", flow_run_id=first.id)
+                return False
+            run_id = ours.id if ours else self.start_case(str(case_dir), case_id, key)
         except Exception as exc:  # noqa: BLE001 - the API may be restarting: try again later
-            self._report_once(cand, "start-failed", "case %s is complete but its run could "
-                              "not be created yet (%s); retrying", case_id, exc)
+            if "start-failed" not in cand.reported:
+                cand.reported.add("start-failed")
+                log.warning("case %s is complete but its run could not be created yet (%s); "
+                            "retrying", case_id, exc)
             return False
         cand.reported.discard("start-failed")
-        self.started[name] = (signature, key)
+        cand.verdict = None
+        self._set(name, IntakeState.STARTED, listing=signature.listing, shape=shape,
+                  run_key=key, flow_run_id=run_id)
         log.info("case %s complete (%s): flow run %s (created in %.2f s)", case_id,
                  "ready marker" if marker else
                  f"quiet for {self.cfg.scanner.stability_seconds:g} s", run_id,
                  time.monotonic() - asked)
         return True
+
+    def _active_runs(self, case_id: str) -> list[ActiveRun]:
+        find = getattr(self.start_case, "active_runs", None)
+        return list(find(case_id)) if find is not None else []
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -340,6 +434,7 @@ class CaseSensor:
         close = getattr(self.start_case, "close", None)
         if close is not None:
             close()
+        self.ledger.close()
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(10)

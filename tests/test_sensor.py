@@ -36,6 +36,7 @@ def api(prefect_api: str) -> str:
 def sensor_config(root: Path, **scanner):
     data = yaml.safe_load(DEFAULT_PATH.read_text())
     data["scanner"].update({"target_directory": str(root), "stability_seconds": 1.0, **scanner})
+    data["paths"]["data_dir"] = str(root.parent / "data")  # the sensor's ledger is here
     return parse_config(data, root.parent / "mqi.yaml")
 
 
@@ -76,6 +77,15 @@ class Running:
         assert not self.thread.is_alive() and not self.errors, self.errors
 
 
+def finish(run_id) -> None:
+    """End a run as a worker would have: the case has no active run any more."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Completed(), force=True)
+
+
 def drop(root: Path, staging: Path, case_id: str, marker: bool = True, **kw) -> Path:
     case = write_case(staging, case_id, beams=1, layers=1, spots_per_layer=10, **kw)
     os.replace(case, root / case_id)
@@ -109,10 +119,15 @@ def test_two_sensors_duplicate_events_and_restart_make_one_run(api, tmp_path):
     with Running(cfg):  # a restarted sensor's catch-up scan
         time.sleep(1.5)
     assert len(runs_of("dup-case")) == 1
-    # changed content (a re-delivered beam) is a new run
+    # changed content (a re-delivered beam) is a new run, once the first has ended
+    # (nothing serves the deployment here: the first run stays Scheduled until told)
     ptn = next(case.rglob("*.ptn"))
     ptn.write_bytes(ptn.read_bytes()[::-1])
-    with Running(cfg):
+    with Running(cfg) as sensor:
+        wait_for(lambda: sensor.sensor.intake["dup-case"].state == "QUEUED", 10,
+                 "the new content queued behind the active run")
+        assert len(runs_of("dup-case")) == 1
+        finish(runs_of("dup-case")[0].id)
         wait_for(lambda: len(runs_of("dup-case")) == 2, 10, "a run for the new content")
 
 
@@ -236,7 +251,7 @@ def test_a_case_missing_a_file_its_planrange_names_waits_for_it(api, tmp_path, c
         time.sleep(1.5)  # events, ticks and rescans after the start
     assert len(runs_of(name)) == 1
     said = [r.getMessage() for r in caplog.records]
-    incomplete = [m for m in said if "still incomplete" in m]
+    incomplete = [m for m in said if "still waiting" in m]
     assert len(incomplete) == 1 and first.reason in incomplete[0], said
     ids = {v for k, v in read_plan_info(folder / "PlanInfo.txt").items()
            if k in ("DICOM_PATIENT_ID", "TCSC_PATIENT_ID")}
