@@ -104,7 +104,7 @@ class ScannerSettings(Section):
     polling_interval_seconds: PositiveSeconds = 5.0
     stability_seconds: Seconds = 30.0
     rescan_interval_seconds: PositiveSeconds = 300.0
-    incomplete_report_after_seconds: PositiveSeconds = 3600.0
+    incomplete_report_after_seconds: PositiveSeconds = 600.0
     ready_marker: Annotated[str, StringConstraints(pattern=r"^[^/\x00]+$")] = "_CASE_READY"
 
 
