@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,6 +80,14 @@ class RemoteLayout:
     def work_dir(self) -> str:
         """``<root>/<case_id>/run-<run>``: everything this run puts on the GPU host."""
         return posixpath.join(self.case_root, f"run-{self.run}")
+
+    def removal_command(self) -> str:
+        """The shell command that removes this run's folder (``paths.clean_remote_work_dir``),
+        then the case's folder only if no other run's folder is in it: ``rmdir`` refuses
+        a folder that is not empty, so another run of the case never loses its files to
+        this one. Its exit status is not 0 when the case's folder stays."""
+        return (f"rm -rf -- {shlex.quote(self.work_dir)} && "
+                f"rmdir -- {shlex.quote(self.case_root)} 2>/dev/null")
 
     def _in(self, *parts: str) -> str:
         return posixpath.join(self.work_dir, *parts)

@@ -174,12 +174,8 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
     files = verify_stage(case_id, beams)
     report = report_stage(info, workflow, sims, files, started)
     if cfg.paths.clean_remote_work_dir:
-        # This run's folder, then the case's folder only if no other run's folder is
-        # in it: rmdir refuses a folder that is not empty, so another run of the case
-        # never loses its files to this one.
-        flow_host(cfg).run(f"rm -rf -- {shlex.quote(layout.work_dir)} && "
-                           f"rmdir -- {shlex.quote(layout.case_root)} 2>/dev/null",
-                           stream=False, check=False)
+        # check=False: the case's folder stays while another run's folder is in it
+        flow_host(cfg).run(layout.removal_command(), stream=False, check=False)
     logger.info("case %s COMPLETED%s: results in %s", case_id,
                 " (SIMULATED)" if cfg.simulated else "", results_dir(cfg, case_id))
     return CaseOutcome(case_id=case_id, results=str(results_dir(cfg, case_id)), report=report,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import shlex
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from uuid import UUID
@@ -215,3 +216,17 @@ def test_another_flow_run_of_the_same_case_takes_no_cached_stage_and_a_retry_tak
                for run in (RUN_A, RUN_B)}
     assert "/run-0f1e2d3c/" in recipes[RUN_A] and "/run-7c6d5e4f/" in recipes[RUN_B]
     assert recipes[RUN_A].replace("run-0f1e2d3c", "run-7c6d5e4f") == recipes[RUN_B]
+
+
+def test_cleaning_a_run_removes_its_folder_and_the_cases_only_once_no_run_is_left(tmp_path):
+    a = RemoteLayout(str(tmp_path), "case-7", "0f1e2d3c")
+    b = RemoteLayout(str(tmp_path), "case-7", "7c6d5e4f")
+    for layout in (a, b):
+        Path(layout.dicom_dir(3)).mkdir(parents=True)
+        Path(layout.pid_file("upload")).parent.mkdir()
+        Path(layout.pid_file("upload")).write_text("123")
+    first = subprocess.run(["sh", "-c", a.removal_command()], check=False)
+    assert first.returncode != 0  # the case's folder stays: b is still in it
+    assert not Path(a.work_dir).exists() and Path(b.dicom_dir(3)).is_dir()
+    subprocess.run(["sh", "-c", b.removal_command()], check=True)
+    assert list(tmp_path.iterdir()) == []
