@@ -19,6 +19,7 @@ import yaml
 from config import get_config, load_config
 from demo.synthetic_case import BROKEN_KINDS, write_case
 from deployments import server
+from flows.naming import short_run_id
 from tests.support.pipeline import REPO, Installation, wait_for, write_installation
 
 pytestmark = pytest.mark.integration
@@ -106,6 +107,13 @@ def test_three_beam_case_completes_on_two_gpus_with_overlap(fresh: Installation)
     report = (fresh.results / "e2e-three" / "report.md").read_text()
     assert "SIMULATED" in report and "| 3 | F2 | G1 | 1 |" in report
     assert set(result.gpus.values()) <= {0, 1}
+
+    # the run worked in its own remote folder, named by its flow run id (kept here:
+    # the test installation has clean_remote_work_dir off)
+    work = fresh.remote_root / "e2e-three" / f"run-{short_run_id(state.state_details.flow_run_id)}"
+    assert [p.name for p in (fresh.remote_root / "e2e-three").iterdir()] == [work.name]
+    assert sorted(p.name for p in (work / "dicom").iterdir()) == ["beam_2", "beam_3", "beam_4"]
+    assert (work / "case").is_dir() and (work / "pids").is_dir()
 
     # the simulators' own record: beams overlapped in time, never two on one GPU
     intervals = fresh.sim_intervals()
