@@ -319,3 +319,119 @@ def test_unreadable_root_and_file_are_reported_once_then_picked_up(api, tmp_path
         proc.terminate()
         code = proc.wait(30)
     assert code == 0, "".join(lines)
+
+
+def test_every_broken_kind_is_said_at_once_with_its_reason_and_no_patient_id(api, tmp_path,
+                                                                            caplog):
+    """No marker, nothing else arriving: each broken folder is WAITING or REFUSED in the
+    ledger (what `mqi status` shows) within the stability window + 2 s, with the
+    reason inspection gives, said once in the log, and no patient id anywhere."""
+    from demo.synthetic_case import BROKEN_KINDS, WAITING_KINDS
+    from deployments.intake_ledger import IntakeLedger, ledger_path
+    from tests.test_case_inspection import REASONS, patient_ids
+
+    root = tmp_path / "scan"
+    root.mkdir()
+    cfg = sensor_config(root)
+    ids: set[str] = set()
+    with caplog.at_level(logging.INFO, logger="mqi.sensor"), Running(cfg):
+        time.sleep(0.5)  # watching
+        folders = {}
+        for kind in BROKEN_KINDS:
+            staged = write_case(tmp_path / "staging", f"broken-{kind}".replace("_", "-"),
+                                spots_per_layer=10, broken=kind, seed=7)
+            ids |= patient_ids(staged)
+            os.replace(staged, root / staged.name)
+            folders[kind] = staged.name
+        dropped = time.monotonic()
+
+        def judged():
+            entries = IntakeLedger.read(ledger_path(cfg))
+            states = {k: entries.get(name) for k, name in folders.items()}
+            return states if all(e and e.state in ("WAITING", "REFUSED")
+                                 for e in states.values()) else None
+
+        states = wait_for(judged, cfg.scanner.stability_seconds + 2.0, "every verdict")
+        took = time.monotonic() - dropped
+        time.sleep(1.5)  # more ticks: nothing is said twice
+    for kind, entry in states.items():
+        assert entry.state == ("WAITING" if kind in WAITING_KINDS else "REFUSED"), (kind, entry)
+        assert REASONS[kind] in entry.reason, (kind, entry.reason)
+    assert took <= cfg.scanner.stability_seconds + 2.0
+    said = [r.getMessage() for r in caplog.records]
+    for name in folders.values():
+        shown = name if name.isprintable() else repr(name)
+        verdicts = [m for m in said if f"case folder {shown} " in m and
+                    ("refused" in m or "waiting" in m)]
+        assert len(verdicts) == 1, (name, verdicts)
+    assert ids and not [m for m in said if any(i in m for i in ids)]
+    ledger_text = ledger_path(cfg).read_bytes().decode(errors="replace")
+    assert not [i for i in ids if i in ledger_text]
+    assert runs_of(folders["missing_ptn"]) == []
+
+
+def test_a_slow_writer_starts_the_case_once_when_it_is_complete(api, tmp_path):
+    """Files copied one by one with gaps longer than the stability window: the case
+    waits (a piece is missing) between them and starts exactly once, after the last."""
+    root = tmp_path / "scan"
+    root.mkdir()
+    stability = 0.5
+    staged = write_case(tmp_path / "staging", "slow-writer", beams=2, layers=2,
+                        spots_per_layer=10, seed=5)
+    # the plan first, then each beam's files: a treatment system's order
+    files = sorted((p for p in staged.rglob("*") if p.is_file()),
+                   key=lambda p: (p.parent != staged, str(p)))
+    with Running(sensor_config(root, stability_seconds=stability)) as running:
+        time.sleep(0.5)
+        waiting_seen = set()
+        for path in files:
+            target = root / "slow-writer" / path.relative_to(staged)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            last_write = time.time()
+            time.sleep(stability + 0.3)
+            entry = running.sensor.intake.get("slow-writer")
+            if entry is not None:
+                waiting_seen.add(entry.state)
+            if path != files[-1]:
+                assert runs_of("slow-writer") == [], f"started before {path.name} arrived"
+        runs = wait_for(lambda: runs_of("slow-writer"), 10, "the run once complete")
+        time.sleep(1.5)
+    assert len(runs_of("slow-writer")) == 1
+    assert runs[0].created.timestamp() >= last_write - 0.1
+    assert "WAITING" in waiting_seen
+
+
+def test_a_restarted_sensor_reads_nothing_of_what_it_started(api, tmp_path, monkeypatch):
+    """The ledger remembers what was started: after a restart an unchanged folder is
+    compared by stats alone (never inspected or hashed) and not started again; a
+    folder changed while the sensor was down is looked at again."""
+    import deployments.sensor as sensor_module
+
+    root = tmp_path / "scan"
+    root.mkdir()
+    cfg = sensor_config(root)
+    cases = [drop(root, tmp_path / "staging", f"done-{i}") for i in range(3)]
+    with Running(cfg):
+        wait_for(lambda: all(runs_of(c.name) for c in cases), 15, "the three runs")
+    for case in cases:
+        finish(runs_of(case.name)[0].id)
+    reads: list[str] = []
+
+    def counted(real):
+        def wrapper(case_dir, *args, **kwargs):
+            reads.append(Path(case_dir).name)
+            return real(case_dir, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(sensor_module, "content_digest", counted(sensor_module.content_digest))
+    monkeypatch.setattr(sensor_module, "inspect_case", counted(sensor_module.inspect_case))
+    changed = cases[2]
+    ptn = next(changed.rglob("*.ptn"))
+    ptn.write_bytes(ptn.read_bytes()[::-1])  # while no sensor runs
+    with Running(cfg) as running:
+        wait_for(lambda: len(runs_of(changed.name)) == 2, 10, "a run for the changed folder")
+        time.sleep(1.0)
+        assert running.sensor.intake[cases[0].name].state == "STARTED"
+    assert set(reads) == {changed.name}, reads
+    assert [len(runs_of(c.name)) for c in cases] == [1, 1, 2]
