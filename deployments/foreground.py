@@ -129,9 +129,23 @@ def run_case(case_dir: Path, workflow: str, debug: bool = False) -> None:
     """
     if not case_dir.is_dir():
         raise CaseNotRun(f"not a case folder: {shown(str(case_dir))}")
+    _refuse_a_second_active_run(case_dir.name)
     problem = process(str(case_dir.absolute()), workflow, debug)
     if problem is not None:
         raise CaseNotRun(problem)
+
+
+def _refuse_a_second_active_run(name: str) -> None:
+    """One case never has two runs at once, whoever starts them."""
+    from prefect.client.orchestration import get_client
+
+    from deployments.run_starter import active_runs
+
+    with get_client(sync_client=True) as client:
+        active = active_runs(client, name)
+    if active:
+        raise CaseNotRun(f"case {shown(name)} has an active run ({active[0].id}, "
+                         f"{active[0].state}); not starting a second one")
 
 
 def chosen_for_rerun(case_id: str | None, *, force: bool) -> list[CaseStatus]:
@@ -228,8 +242,13 @@ def _restart(client: SyncPrefectClient, row: CaseStatus, workflow: str) -> UUID:
     why = _why_not_the_same_run(run, deployment, key, workflow)
     if why is None:
         return _retry(client, run.id, row)
+    parameters: dict[str, Any] = {"case_dir": row.case_dir, "workflow": workflow}
+    if why in (MADE_BY_CLI, DEPLOYMENT_GONE, MOVED_TO_WORKERS):
+        # The same content and workflow: the new run takes over the old run's remote
+        # folder and finished stages (it has ended; no two runs of a case at once).
+        parameters["resume"] = (run.parameters or {}).get("resume") or str(run.id)
     new = client.create_flow_run_from_deployment(
-        deployment.id, parameters={"case_dir": row.case_dir, "workflow": workflow},
+        deployment.id, parameters=parameters,
         # The plain key would hand back that same old run, which Prefect keeps for it.
         idempotency_key=f"{key}:after:{run.id}", name=run_name(row.case_id),
         tags=[case_tag(row.case_id)])
@@ -242,17 +261,22 @@ def _restart(client: SyncPrefectClient, row: CaseStatus, workflow: str) -> UUID:
 def _why_not_the_same_run(run: FlowRun, deployment: Any, key: str,
                           workflow: str) -> str | None:
     """Why the old run cannot simply be retried; None when it can."""
-    if run.deployment_id is None:
-        return "its last run was made by `mqi run`, not through the deployment"
-    if run.deployment_id != deployment.id:
-        return "the deployment of its last run is gone"
-    if deployment.work_pool_name and run.work_queue_id is None:
-        return "the deployment moved to the workers"
     if run.idempotency_key and not run.idempotency_key.startswith(key):
         return "its content changed"
     if (run.parameters or {}).get("workflow", "default_qa") != workflow:
         return f"workflow {workflow} was asked for"
+    if run.deployment_id is None:
+        return MADE_BY_CLI
+    if run.deployment_id != deployment.id:
+        return DEPLOYMENT_GONE
+    if deployment.work_pool_name and run.work_queue_id is None:
+        return MOVED_TO_WORKERS
     return None
+
+
+MADE_BY_CLI = "its last run was made by `mqi run`, not through the deployment"
+DEPLOYMENT_GONE = "the deployment of its last run is gone"
+MOVED_TO_WORKERS = "the deployment moved to the workers"
 
 
 def _retry(client: SyncPrefectClient, run_id: UUID, row: CaseStatus) -> UUID:

@@ -24,8 +24,9 @@ from blocks.errors import HostAuthenticationError, HostKeyError
 from blocks.factory import MissingSecretError
 from config import ConfigError, MqiConfig
 from config.models import BEAM_STEPS, GPU_STEP
+from config.redaction import install
 from config.templates import TemplateError
-from flows.case_inspection import CaseInfo, CaseRejected
+from flows.case_inspection import CaseInfo, CaseRejected, case_redactor
 from flows.commands import CaseIdError, render_step_command, validate_case_id
 from flows.layout import RemoteLayout, remote_layout, results_dir
 from flows.naming import (
@@ -94,7 +95,7 @@ def kill_remote_processes(flow: Any, flow_run: Any, state: Any) -> None:
         validate_case_id(case_id, cfg.cases.id_pattern)
     except CaseIdError:
         return
-    layout = remote_layout(cfg, case_id, flow_run.id)
+    layout = remote_layout(cfg, case_id, flow_run.parameters.get("resume") or flow_run.id)
     host = flow_host(cfg, attempt)
     listed = host.run(f"ls -1 -- {shlex.quote(layout.pid_dir)}", check=False, stream=False)
     for name in listed.stdout.split():
@@ -127,10 +128,23 @@ def _run_name() -> str:
 # -------------------------------------------------------------------------- flow
 @flow(name=FLOW_NAME, flow_run_name=_run_name, on_cancellation=[kill_remote_processes],
       on_crashed=[kill_remote_processes])
-def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
-    """Process one case folder end to end. Fails with the stage, beam and reason."""
+def process_case(case_dir: str, workflow: str = "default_qa",
+                 resume: str | None = None) -> CaseOutcome:
+    """Process one case folder end to end. Fails with the stage, beam and reason.
+
+    Args:
+        case_dir: The case folder (its name is the case id).
+        workflow: The configured workflow to run.
+        resume: The id of an ended flow run of this case whose remote folder and
+            finished stages this run takes over: what `mqi rerun` passes when that
+            run cannot be retried itself (made by `mqi run`, its deployment gone).
+    """
     started = time.time()
     cfg = flow_config()
+    # Before anything about the case is said: its patient ids are replaced in every
+    # message, log line and state this process makes (config/redaction.py).
+    install(case_redactor(case_dir, None if cfg.cases.patient_id_in_logs == "hash"
+                          else "[patient]"))
     logger = get_run_logger()
     if workflow not in cfg.workflows:
         raise ValueError(f"no workflow {workflow!r} (configured: {', '.join(cfg.workflows)})")
@@ -140,7 +154,7 @@ def process_case(case_dir: str, workflow: str = "default_qa") -> CaseOutcome:
     # Passed to every remote stage as an input (not read inside the tasks): it is part
     # of their cache keys, so a retry of this run resumes and another run starts afresh
     # in its own, empty folder (flows/stages.py).
-    run_id = _flow_run_id()
+    run_id = resume or _flow_run_id()
     layout = remote_layout(cfg, case_id, run_id)
     upload_stage.with_options(**_options(cfg, "upload"))(
         info.case_dir, case_id, digest, run_id, layout.case_dir)

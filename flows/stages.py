@@ -32,6 +32,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from blocks.gpu_pool import LOCK_BUSY_EXIT
 from config.models import GPU_STEP
+from config.redaction import redact
 from flows.caching import StageIdentity
 from flows.case_inspection import Beam, CaseInfo, inspect_case
 from flows.layout import remote_layout, results_dir
@@ -248,6 +249,7 @@ def report_stage(info: CaseInfo, workflow: str, sims: dict[int, SimulationOutcom
     text = render_report(cfg, info, workflow, sims, files, time.time() - started)
     target = results_dir(cfg, info.case_id) / "report.md"
     target.write_text(text)
-    create_markdown_artifact(markdown=text, key=report_artifact_key(info.case_id),
-                             description=f"MQI report for case {info.case_id}")
+    # The results folder holds the case's own data; what leaves for the API does not.
+    create_markdown_artifact(markdown=redact(text), key=report_artifact_key(info.case_id),
+                             description=redact(f"MQI report for case {info.case_id}"))
     return str(target)
