@@ -59,6 +59,7 @@ class Watching:
     def __init__(self, root: Path, stability: float) -> None:
         data = yaml.safe_load(DEFAULT_PATH.read_text())
         data["scanner"].update({"target_directory": str(root), "stability_seconds": stability})
+        data["paths"]["data_dir"] = str(root.parent / "data")  # the sensor's ledger
         self.sensor = CaseSensor(parse_config(data, root.parent / "mqi.yaml"),
                                  start=_never_start)
         self.stop = threading.Event()

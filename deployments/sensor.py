@@ -64,6 +64,8 @@ IDLE_TICK = 1.0
 # How often a complete case whose run cannot be created yet (the case's active run
 # has not ended, the API does not answer) is tried again; its content is not re-read.
 RETRY_START_EVERY = 2.0
+# Folders started before a restart whose files are compared each tick (~1.5 ms each).
+VERIFY_PER_TICK = 50
 
 
 class CaseSensor:
@@ -88,7 +90,8 @@ class CaseSensor:
         self._unwatched: set[str] = set()
         self._observer: BaseObserver | None = None
         self._last_rescan = 0.0
-        self._caught_up = False  # the first scan compares every file; later ones, folders
+        self._caught_up = False
+        self._unverified: list[str] = []  # started before this sensor; files not compared
         self._root_problem: str | None = None
         self._warm = self._warm_failed = False
         self._last_warm_try = float("-inf")
@@ -135,18 +138,24 @@ class CaseSensor:
         now = self.clock()
         with self._lock:
             for name in names:
-                # No event time: stability is judged from the files' own mtimes. After
-                # the catch-up, a started folder's directories alone are compared: the
-                # observer reports writes inside them as they happen.
-                self.candidates.setdefault(
-                    name, Candidate(name, now, float("-inf"), quick=self._caught_up))
+                # No event time: stability is judged from the files' own mtimes. A
+                # started folder's directories alone are compared: the observer reports
+                # writes inside it as they happen, and after a restart the files
+                # themselves are compared too, a few folders a tick (see _verify).
+                self.candidates.setdefault(name, Candidate(name, now, float("-inf"),
+                                                           quick=True))
             for cand in self.candidates.values():
                 cand.recheck = True  # a judged folder's listing is compared once more
         for gone in set(self.intake) - set(names):  # removed while nobody looked
             with self._lock:
                 if gone not in self.candidates:
                     self._forget(gone)
-        self._caught_up = True
+        if not self._caught_up:
+            # What was written in place while no sensor ran changes no directory: each
+            # folder started before is compared file by file once, in the background.
+            self._unverified = [n for n, e in self.intake.items()
+                                if e.state is IntakeState.STARTED]
+            self._caught_up = True
 
     def _say_root_problem(self, message: str) -> None:
         if self._root_problem != message:
@@ -208,6 +217,7 @@ class CaseSensor:
         """
         if self.clock() - self._last_rescan >= self.cfg.scanner.rescan_interval_seconds:
             self.rescan()
+        self._verify()
         with self._lock:
             names = list(self.candidates)
         busy = False
@@ -222,6 +232,20 @@ class CaseSensor:
             cand = self.candidates.get(name)
             busy = busy or cand is None or not self._judged(cand)
         return busy
+
+    def _verify(self) -> None:
+        """Compare a few more folders started before this sensor, file by file (stats).
+
+        A restart is watching at once: the catch-up compares directories only. Files
+        rewritten in place while no sensor ran are found here, ``VERIFY_PER_TICK``
+        folders a tick, so that a scan root of 10,000 never stalls the loop.
+        """
+        now = self.clock()
+        with self._lock:
+            for name in self._unverified[-VERIFY_PER_TICK:]:
+                cand = self.candidates.setdefault(name, Candidate(name, now, float("-inf")))
+                cand.quick = False
+            del self._unverified[-VERIFY_PER_TICK:]
 
     def _judged(self, cand: Candidate) -> bool:
         """Whether the candidate's verdict stands without a look. Where no event tells of

@@ -55,8 +55,12 @@ def main() -> int:
         with open(folder / "PlanRange.txt", newline="") as fh:
             layers = list(csv.DictReader(fh))
         for layer in layers:
+            # As the real tool does: the files it reads are named (and their names
+            # carry the patient ids: what MQI's redaction must catch).
+            print(f"reading {folder.name}/{layer['SCAN_OUT_FL_NM']} and "
+                  f"{layer.get('PLAN_SCAN_OUT_FL_NM', '')}", flush=True)
             data = (folder / layer["SCAN_OUT_FL_NM"]).read_bytes()
-            if not data or len(data) % 16:
+            if not data or len(data) % 16 or control.get("fail", {}).get("interpreter"):
                 return fail(f"{folder.name}/{layer['SCAN_OUT_FL_NM']}: bad spot log")
             name = f"{int(layer['LAYER_NO']):02d}_{float(layer['LAYER_ENERGY']):.2f}MeV.csv"
             with open(target / name, "w", newline="") as fh:
