@@ -21,7 +21,7 @@ from config import DEFAULT_PATH
 from config.loader import parse_config
 from demo.synthetic_case import write_case
 from deployments.sensor import CaseSensor
-from flows.case_inspection import read_plan_info
+from flows.case_inspection import content_digest, read_plan_info
 from flows.naming import run_name
 from tests.support.pipeline import REPO, wait_for
 
@@ -129,6 +129,8 @@ def test_two_sensors_duplicate_events_and_restart_make_one_run(api, tmp_path):
         assert len(runs_of("dup-case")) == 1
         finish(runs_of("dup-case")[0].id)
         wait_for(lambda: len(runs_of("dup-case")) == 2, 10, "a run for the new content")
+    newest = max(runs_of("dup-case"), key=lambda r: r.created)
+    assert newest.idempotency_key == f"dup-case:{content_digest(case, {'_CASE_READY'})[:32]}"
 
 
 def test_files_still_arriving_never_start_a_run(api, tmp_path):
