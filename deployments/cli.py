@@ -121,10 +121,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from deployments.foreground import use_config
 
-    use_config(config_file(args.config))
-    from deployments.status import case_statuses, format_table
+    cfg = use_config(config_file(args.config))
+    from deployments.intake_ledger import ledger_path
+    from deployments.status import COMPLETED_GPUS, case_statuses, format_table
 
-    rows = case_statuses(only_failed=args.failed)
+    # the sensor's ledger: folders not started (yet) are listed beside the runs
+    rows = case_statuses(only_failed=args.failed, ledger=ledger_path(cfg),
+                         completed_gpus=None if args.all_gpus else COMPLETED_GPUS)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
@@ -227,9 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--debug", action="store_true",
                      help="show Python tracebacks in the terminal (the run log always has them)")
 
-    status = _command(sub, "status", cmd_status, "one line per case from the Prefect API",
-                      config)
-    status.add_argument("--failed", action="store_true", help="only failed cases")
+    status = _command(sub, "status", cmd_status, "one line per case from the Prefect API, "
+                      "and per folder the sensor has not started", config)
+    status.add_argument("--failed", action="store_true",
+                        help="only failed cases and refused folders")
+    status.add_argument("--all-gpus", action="store_true",
+                        help="read the GPUs of every COMPLETED case, not only of the "
+                             "newest (slower)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     rerun = _command(sub, "rerun", cmd_rerun, "run a failed case again; stages that completed "
