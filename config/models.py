@@ -111,6 +111,9 @@ class ScannerSettings(Section):
 class CasesSettings(Section):
     id_pattern: str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
     patient_id_in_logs: Literal["never", "hash"] = "hash"
+    max_concurrent: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Most cases (flow runs) in flight at once per installation; "
+        "the others wait as Scheduled (QUEUED). null: the usable GPUs + 2.")
 
     @field_validator("id_pattern")
     @classmethod

@@ -12,35 +12,50 @@ from __future__ import annotations
 from pathlib import Path
 
 from config import MqiConfig
+from deployments.capacity import case_slots
 from deployments.definitions import DEPLOYMENTS, WORK_POOL
 from deployments.publish import publish
 
 
-def ensure_work_pool(name: str = WORK_POOL) -> bool:
-    """Create the process work pool with Prefect's default job template; True if new."""
+def ensure_work_pool(cfg: MqiConfig, name: str = WORK_POOL) -> list[str]:
+    """Create the process work pool (Prefect's default job template) if it is missing,
+    and bound it to the cases allowed in flight at once; what was done, in words."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
+    limit, source = case_slots(cfg)
+    bound = f"at most {limit} case(s) at once ({source})"
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(name)
-            return False
+            pool = client.read_work_pool(name)
         except ObjectNotFound:
-            pass
-        client.create_work_pool(WorkPoolCreate(
-            name=name, type="process",
-            base_job_template=ProcessWorker.get_default_base_job_template()))
-        return True
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type="process", concurrency_limit=limit,
+                base_job_template=ProcessWorker.get_default_base_job_template()))
+            return [f"created work pool {name!r} (type process; {bound})"]
+        if pool.concurrency_limit != limit:
+            client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
+            return [f"work pool {name!r}: {bound}"]
+    return []
 
 
 def deploy(cfg: MqiConfig, config_file: Path) -> list[str]:
     """Publish, create the pool, register the deployments; return what was done, in words."""
     done = [f"published {', '.join(publish(cfg, config_file))}"]
-    if ensure_work_pool():
-        done.append(f"created work pool {WORK_POOL!r} (type process)")
+    if cfg.cases.max_concurrent is None:
+        _size_gpu_limit(cfg)  # the default bound follows the GPUs: know them first
+    done += ensure_work_pool(cfg)
     for spec in DEPLOYMENTS:
         spec.load().to_deployment(**spec.options()).apply(work_pool_name=WORK_POOL)
         done.append(f"deployed {spec.full_name} on work pool {WORK_POOL!r}")
     return done
+
+
+def _size_gpu_limit(cfg: MqiConfig) -> None:
+    from deployments.up import prepare_gpu_limit
+
+    problem = prepare_gpu_limit(cfg)
+    if problem:
+        print(f"warning: {problem}")

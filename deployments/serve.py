@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from deployments.capacity import case_slots
 from deployments.definitions import DEPLOYMENTS, DeploymentSpec
 from deployments.supervisor import announce_ready
 
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mqi-serve", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="configuration file (default: $MQI_CONFIG_PATH)")
     parser.add_argument("--limit", type=int, default=None,
-                        help="most flow runs at once (default: no limit; the GPU limit "
-                             "throttles simulations)")
+                        help="most flow runs at once (default: cases.max_concurrent, or the "
+                             "GPUs + 2)")
     args = parser.parse_args(argv)
     from prefect.exceptions import TerminationSignal
     from prefect.runner import Runner
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     # Runner polls for scheduled runs this often (Prefect's default is 10 s, and its
     # setting takes whole seconds only); each started case waits up to this long.
     # pause_on_shutdown=False: a restart of `mqi up` must find the deployments active.
-    runner = Runner(name="mqi-serve", limit=args.limit, pause_on_shutdown=False,
+    # The runner's limit bounds the cases in flight: the others stay Scheduled, in
+    # order, with no process and no memory (deployments/capacity.py).
+    limit, source = (args.limit, "--limit") if args.limit else case_slots(config)
+    why = f"at most {limit} case(s) at once ({source})"
+    runner = Runner(name="mqi-serve", limit=limit, pause_on_shutdown=False,
                     query_seconds=config.prefect.runner_poll_seconds)
     # add_flow (not serve(deployment)) keeps the flow object in the runner, so a run
     # is started from it directly (multiprocessing, warm when enabled) rather than
@@ -75,17 +80,17 @@ def main(argv: list[str] | None = None) -> int:
             runner.add_flow(spec.load(), **spec.options())
             served.append(spec.full_name)
     with contextlib.suppress(KeyboardInterrupt, TerminationSignal):
-        asyncio.run(_run(runner, served))
+        asyncio.run(_run(runner, served, why))
     return 0
 
 
-async def _run(runner: Any, served: list[str]) -> None:
+async def _run(runner: Any, served: list[str], why: str) -> None:
     async def announce() -> None:
         while not runner.started:
             await asyncio.sleep(0.05)
         announce_ready()
         print(f"serving {', '.join(served) or 'nothing (every deployment is on a work pool)'}"
-              f"; polling every {runner.query_seconds:g} s", flush=True)
+              f"; polling every {runner.query_seconds:g} s; {why}", flush=True)
 
     watcher = asyncio.create_task(announce())
     try:
