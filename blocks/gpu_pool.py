@@ -22,6 +22,7 @@ import contextvars
 import csv
 import io
 import logging
+import re
 import shlex
 import threading
 import time
@@ -34,6 +35,9 @@ from pydantic import Field, HttpUrl
 from blocks.host import Host
 
 log = logging.getLogger("mqi.gpu_pool")
+
+# Separators of the sections of ``GpuPool.snapshot``'s one command's output.
+_APPS, _LOCKS = "---mqi-compute-apps---", "---mqi-held-locks---"
 
 LOCK_BUSY_EXIT = 75
 """Exit status of ``flock -n`` (via -E) when another process holds the GPU's lock file."""
@@ -278,20 +282,40 @@ class GpuPool(Block):
         out = host.run(script, stream=False, timeout=60).stdout
         return {int(word) for word in out.split() if word.isdigit()}
 
+    def snapshot(self, host: Host) -> tuple[list[GpuInfo], list[ComputeApp], set[int]]:
+        """The host's GPUs, compute processes and held index locks, in ONE round trip.
+
+        Choosing a GPU is on the path from a freed GPU to the next simulation: three
+        commands over SSH (query, apps, locks) were three round trips on a busy host.
+        """
+        if self.source == "nvml":
+            gpus, apps = read_nvml()
+            return gpus, apps, self.locked_indices(host, [g.index for g in gpus])
+        locks = shlex.quote(self.lock_dir)
+        script = (f"q=$({self.query_command}) || exit $?; a=$({self.apps_command}) || exit $?; "
+                  f"printf '%s\\n{_APPS}\\n%s\\n{_LOCKS}\\n' \"$q\" \"$a\"; "
+                  f"for f in {locks}/gpu-*.lock; do "
+                  f'[ -e "$f" ] && ! flock -n "$f" true && echo "${{f##*/}}"; done; true')
+        out = host.run(script, stream=False, timeout=60).stdout
+        query, _, rest = out.partition(f"{_APPS}\n")
+        apps_text, _, locked_text = rest.partition(f"{_LOCKS}\n")
+        locked = {int(m.group(1)) for m in re.finditer(r"gpu-(\d+)\.lock", locked_text)}
+        return parse_gpu_query(query), parse_compute_apps(apps_text), locked
+
     def choose_index(self, host: Host, logger: logging.Logger | logging.LoggerAdapter,
                      spread: int = 0) -> int:
         """A GPU index that is usable and unlocked now (waits, polling, until there is one).
 
-        ``spread`` (e.g. the beam number) picks among the free indices, so that beams
-        admitted together start on different GPUs instead of racing for the first.
+        ``spread`` picks among the free indices (any number: it is hashed with the
+        time), so that beams admitted together start on different GPUs instead of
+        racing for the first; a lost race costs a lock refusal and another look.
         """
         said = started = time.monotonic()
         while True:
-            gpus, apps = self.read(host)
-            locked = self.locked_indices(host, [g.index for g in gpus])
+            gpus, apps, locked = self.snapshot(host)
             candidates = [g.index for g in self.usable(gpus, apps) if g.index not in locked]
             if candidates:
-                return candidates[spread % len(candidates)]
+                return candidates[hash((spread, time.monotonic_ns())) % len(candidates)]
             if time.monotonic() - started > self.max_wait_seconds:
                 raise GpuQueryError(
                     f"no GPU became free within {self.max_wait_seconds:g} s: {len(locked)} "

@@ -104,3 +104,49 @@ def test_the_simulator_speaks_the_real_format(fields, fmt, fixture_name):
             if i not in (1, 2, 9):
                 assert a == b
     assert "SIMULATED" in out
+
+
+def test_one_snapshot_reads_gpus_processes_and_held_locks_and_choosing_skips_them(tmp_path):
+    """The one-round-trip snapshot (query, compute apps, index locks) against the H100
+    captures on this machine's shell: a GPU whose lock a live process holds is never
+    chosen; a foreign process's GPU neither."""
+    from blocks.local_host import LocalHost
+
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir()
+    (lock_dir / "gpu-1.lock").touch()  # a lock file nobody holds: free
+    gpu_pool = GpuPool(query_command=f"cat {FIXTURES / 'query_idle.csv'}",
+                       apps_command=f"cat {FIXTURES / 'apps_load.csv'}",
+                       lock_dir=str(lock_dir), min_free_memory_mib=0,
+                       skip_gpus_with_foreign_processes=False)
+    host = LocalHost()
+    gpus, apps, locked = gpu_pool.snapshot(host)
+    assert gpus == parse_gpu_query(fixture("query_idle.csv"))
+    assert apps == parse_compute_apps(fixture("apps_load.csv"))
+    assert locked == set()
+    holder = subprocess.Popen(["flock", str(lock_dir / "gpu-0.lock"), "sleep", "30"])
+    try:
+        deadline = 50
+        while gpu_pool.snapshot(host)[2] != {0} and deadline:
+            deadline -= 1
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert gpu_pool.snapshot(host)[2] == {0}
+        if len(gpus) > 1:
+            assert {gpu_pool.choose_index(host, _quiet(), spread=s) for s in range(20)} \
+                <= {g.index for g in gpus} - {0}
+        else:  # one GPU, held: nothing to choose until it is free
+            gpu_pool.max_wait_seconds, gpu_pool.poll_seconds = 0.3, 0.1
+            with pytest.raises(GpuQueryError, match="no GPU became free"):
+                gpu_pool.choose_index(host, _quiet())
+    finally:
+        holder.kill()
+        holder.wait()
+    failing = GpuPool(query_command="exit 9", apps_command="true", lock_dir=str(lock_dir))
+    with pytest.raises(Exception, match="9"):
+        failing.snapshot(host)
+
+
+def _quiet():
+    import logging
+
+    return logging.getLogger("test.gpu_pool")
