@@ -16,10 +16,14 @@ worker finds the flow wherever it was started, in any folder.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from flows.naming import DEPLOYMENT_NAME, FLOW_NAME, SYSTEM_TAG
+
+if TYPE_CHECKING:
+    from config import MqiConfig
 
 WORK_POOL = "mqi-process"
 """The process work pool `prefect deploy` targets (prefect.yaml)."""
@@ -35,8 +39,13 @@ class DeploymentSpec:
         description: Shown in the UI.
         parameters: Default parameters of every run.
         tags: Tags of every run.
-        schedule: Runner.add_flow / prefect.yaml schedule arguments (cron=, interval=),
-            for scheduled housekeeping.
+        schedule: When it runs by itself, for scheduled housekeeping: the keys of one
+            prefect.yaml ``schedules:`` entry (``cron`` or ``interval``, and ``timezone``,
+            ``active``, ``slug``); empty: only when asked for.
+        configured_by: For housekeeping the configuration sets: the schedule a
+            configuration asks for (``active: False`` turns the deployment off).
+            ``schedule`` then holds the default configuration's, and ``for_config``
+            gives the spec a configuration means.
     """
 
     name: str
@@ -45,6 +54,7 @@ class DeploymentSpec:
     parameters: dict[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = (SYSTEM_TAG,)
     schedule: dict[str, Any] = field(default_factory=dict)
+    configured_by: Callable[[MqiConfig], dict[str, Any]] | None = None
 
     @property
     def flow_name(self) -> str:
@@ -62,7 +72,43 @@ class DeploymentSpec:
 
         return {"name": self.name, "tags": list(self.tags), "description": self.description,
                 "parameters": self.parameters, "entrypoint_type": EntrypointType.MODULE_PATH,
-                **self.schedule}
+                **self._schedules()}
+
+    def _schedules(self) -> dict[str, Any]:
+        if not self.schedule:
+            return {}
+        from prefect.schedules import Cron, Interval
+
+        given = dict(self.schedule)
+        extra = {k: given[k] for k in ("timezone", "active", "slug") if k in given}
+        made = Cron(given["cron"], **extra) if "cron" in given else \
+            Interval(given["interval"], **extra)
+        return {"schedules": [made]}
+
+    def for_config(self, cfg: MqiConfig) -> DeploymentSpec:
+        """This deployment as ``cfg`` wants it: its schedule from the configuration."""
+        if self.configured_by is None:
+            return self
+        return replace(self, schedule=self.configured_by(cfg))
+
+    @property
+    def active(self) -> bool:
+        """False when the configuration turned this housekeeping off: serve leaves it out."""
+        return bool(self.schedule.get("active", True))
+
+    def schedule_variables(self) -> dict[str, Any]:
+        """The Prefect variables prefect.yaml's schedule of this deployment reads, by name.
+
+        `prefect deploy` cannot read our configuration, so `mqi up` and `mqi deploy`
+        publish each configured schedule value as ``mqi_<name>_<key>`` (``-`` as ``_``)
+        and prefect.yaml names them (``"{{ prefect.variables.mqi_<name>_<key> }}"``):
+        both ways register the schedule the configuration says, and `prefect deploy`
+        fails on an empty cron rather than invent one when nothing was published.
+        """
+        if self.configured_by is None:
+            return {}
+        slug = self.name.replace("-", "_")
+        return {f"mqi_{slug}_{key}": value for key, value in self.schedule.items()}
 
     def load(self) -> Any:
         """The flow object (imports the module)."""
@@ -79,3 +125,19 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         parameters={"workflow": "default_qa"},
     ),
 )
+
+
+def deployments_for(cfg: MqiConfig) -> tuple[DeploymentSpec, ...]:
+    """Every deployment as ``cfg`` configures it (housekeeping schedules from its sections).
+
+    Serve registers the ``active`` ones; `mqi deploy`, like `prefect deploy --all`,
+    registers all of them on the work pool, an inactive schedule making no runs.
+    """
+    return tuple(spec.for_config(cfg) for spec in DEPLOYMENTS)
+
+
+def schedule_variables(cfg: MqiConfig) -> dict[str, Any]:
+    """The Prefect variables prefect.yaml's configured schedules read (``mqi up`` and
+    ``mqi deploy`` publish them; see ``DeploymentSpec.schedule_variables``)."""
+    return {name: value for spec in deployments_for(cfg)
+            for name, value in spec.schedule_variables().items()}
