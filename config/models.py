@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
 )
 
+from config.schedules import check_cron, check_timezone
 from config.templates import TemplateError, check_placeholders
 
 
@@ -211,10 +212,39 @@ class RetriesSettings(Section):
 
 
 class ArchiverSettings(Section):
-    enabled: bool = True
-    schedule_cron: str = "0 3 * * *"
-    keep_days: Annotated[int, Field(ge=1)] = 30
+    """The scheduled archiver (flows/archiver.py, docs/archiver.md)."""
+
+    enabled: bool = Field(
+        default=True, description="false: the archive-cases deployment is not served and its "
+        "schedule makes no runs (`mqi archive` still runs by hand).")
+    schedule_cron: str = Field(
+        default="0 3 * * *", description="When it runs: minute hour day month weekday.")
+    schedule_timezone: str = Field(
+        default="UTC", description="The IANA time zone schedule_cron is read in.")
+    keep_days: Annotated[int, Field(ge=0)] = Field(
+        default=30, description="A case is archived once its newest process_case run "
+        "COMPLETED more than this many days ago; 0: at the first run after it completed.")
     archive_dir: LocalPath = Path("~/mqi/archive")
+    include_inputs: bool = Field(
+        default=True, description="Pack the case folder from the scan root too (when it is "
+        "still there), and delete it after verification; false: results only.")
+    include_failed: bool = Field(
+        default=False, description="Also archive cases whose newest run FAILED, CRASHED or "
+        "was CANCELLED that long ago; false: left alone for the operator.")
+    prune_runs_after_days: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Delete finished Prefect flow runs (with their task runs, "
+        "logs and artifacts) that ended more than this many days ago, except a case's newest "
+        "run while its folders exist; null: never.")
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _cron_line(cls, value: str) -> str:
+        return check_cron(value)
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _time_zone(cls, value: str) -> str:
+        return check_timezone(value)
 
 
 class CuratorSettings(Section):
@@ -332,6 +362,12 @@ def cross_section_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
                            MOQUI_PLACEHOLDERS | set(cfg.moqui.parameters))
     except TemplateError as exc:
         issues.append(("moqui.input_template", str(exc)))
+    archive = Path(cfg.archiver.archive_dir).resolve()
+    for key, folder in (("scanner.target_directory", cfg.scanner.target_directory),
+                        ("paths.results_root", cfg.paths.results_root)):
+        if archive.is_relative_to(Path(folder).resolve()):
+            # the sensor would take it for a case, or it would be archived into itself
+            issues.append(("archiver.archive_dir", f"must not be inside {key}"))
     known_steps = BUILTIN_STAGES | set(cfg.remote_commands)
     for step in cfg.retries.steps:
         if step not in known_steps:
