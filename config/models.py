@@ -248,8 +248,25 @@ class ArchiverSettings(Section):
 
 
 class CuratorSettings(Section):
-    enabled: bool = True
+    """The scheduled GPU curator (flows/curator.py, docs/curator.md)."""
+
+    enabled: bool = Field(
+        default=True, description="false: the curate-gpus deployment's schedule makes no runs "
+        "(`mqi gpus` still reads the GPUs by hand).")
     interval_seconds: PositiveSeconds = 60.0
+    max_temperature_c: Annotated[float, Field(gt=0)] = Field(
+        default=85.0, description="A GPU hotter than this raises a mqi.gpu.warning event.")
+    zombie_after_seconds: PositiveSeconds = Field(
+        default=300.0, description="A RUNNING process_case run whose remote stage has no "
+        "process left on the GPU host, and that said nothing (log line, state change) for "
+        "this long, is marked Crashed. Keep it well above 30 s: a stage waiting for a GPU "
+        "logs every 30 s.")
+    remove_work_dirs_after_hours: Annotated[float, Field(ge=0)] | None = Field(
+        default=72.0, description="The remote work folder of a run that COMPLETED more than "
+        "this long ago is removed (only under paths.remote_work_root); null: never.")
+    dry_run: bool = Field(
+        default=False, description="Report stale processes, zombie runs and leftover folders "
+        "without killing, marking or removing anything.")
 
 
 class LoggingSettings(Section):
