@@ -101,3 +101,7 @@ HOST_BLOCK = "mqi-gpu-host"
 POOL_BLOCK = "mqi-gpu-pool"
 RESULTS_BLOCK = "mqi-results"
 """A local-file-system block: where stage results are kept for every process."""
+
+# The archiver (flows/archiver.py): scheduled housekeeping, one deployment.
+ARCHIVER_FLOW = "archive_cases"
+ARCHIVER_DEPLOYMENT = "archive-cases"
