@@ -306,16 +306,16 @@ class GpuPool(Block):
                      spread: int = 0) -> int:
         """A GPU index that is usable and unlocked now (waits, polling, until there is one).
 
-        ``spread`` picks among the free indices (any number: it is hashed with the
-        time), so that beams admitted together start on different GPUs instead of
-        racing for the first; a lost race costs a lock refusal and another look.
+        ``spread`` (e.g. the beam number) picks among the free indices, so that beams
+        admitted together start on different GPUs instead of racing for the first; a
+        lost race costs a lock refusal and another look.
         """
         said = started = time.monotonic()
         while True:
             gpus, apps, locked = self.snapshot(host)
             candidates = [g.index for g in self.usable(gpus, apps) if g.index not in locked]
             if candidates:
-                return candidates[hash((spread, time.monotonic_ns())) % len(candidates)]
+                return candidates[spread % len(candidates)]
             if time.monotonic() - started > self.max_wait_seconds:
                 raise GpuQueryError(
                     f"no GPU became free within {self.max_wait_seconds:g} s: {len(locked)} "
