@@ -207,8 +207,12 @@ class GpuPool(Block):
                 and g.memory_free_mib >= self.min_free_memory_mib
                 and not (self.skip_gpus_with_foreign_processes and g.uuid in busy)]
 
-    def ensure_limit(self, host: Host) -> list[GpuInfo]:
+    def ensure_limit(self, host: Host, gpus: list[GpuInfo] | None = None) -> list[GpuInfo]:
         """Create or resize the admission limit to the GPUs the host has now.
+
+        Args:
+            host: The GPU host, read unless ``gpus`` is given.
+            gpus: The GPUs as just read (the curator's look), to spare a second query.
 
         Returns:
             The GPUs that pass the selection (ignoring who runs on them: our own
@@ -221,7 +225,8 @@ class GpuPool(Block):
         )
         from prefect.exceptions import ObjectNotFound
 
-        gpus, _ = self.read(host)
+        if gpus is None:
+            gpus, _ = self.read(host)
         selected = [g for g in gpus if self.indices is None or g.index in self.indices]
         if not selected:
             raise GpuQueryError("the GPU host reports no GPU"
