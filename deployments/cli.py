@@ -8,6 +8,7 @@
     mqi rerun CASE_ID | --all-failed  retry failed runs on serve/workers; finished stages reused
     mqi deploy [--config PATH]     publish the blocks, create the work pool, deploy for workers
     mqi doctor [--config PATH]     check that everything a case needs is there and answers
+    mqi gpus [--json]              the GPU pool now: one line a GPU, who holds it, usable or why not
 
 Exit status 0 means success. Every expected failure is an ``MqiError``: its
 message goes to stderr as ``mqi: <message>`` and its ``exit_status`` is the exit
@@ -170,6 +171,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return diagnose(load_config(config_file(args.config)))
 
 
+def cmd_gpus(args: argparse.Namespace) -> int:
+    path = config_file(args.config)
+    cfg = load_config(path)
+    # The API adds what the host alone cannot say (task runs, GPUs gone since the
+    # curator's last look); without it the host is still read.
+    answering = server.is_healthy(cfg.prefect.effective_api_url)
+    if answering:
+        os.environ.update(server.client_env(cfg))  # before Prefect is imported
+    from flows.curator import gpus_now
+    from flows.gpu_table import format_table
+
+    rows, notes = gpus_now(cfg, with_api=answering)
+    if args.json:
+        print(json.dumps([r.as_record() for r in rows], indent=2))
+    else:
+        print(format_table(rows, notes))
+    return 0
+
+
 def _config_option(default: str) -> argparse.ArgumentParser:
     """A parent parser: the ``--config`` option every command that loads one shares."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -251,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "deploy", cmd_deploy, "for workers: publish the configuration, host and "
              "result-storage blocks, create the work pool and deploy every deployment on it",
              config)
+    gpus = _command(sub, "gpus", cmd_gpus, "the GPU pool now, one line a GPU: memory, "
+                    "load, temperature, processes, which case and beam hold it, whether it "
+                    "is usable (the curator's gpu-pool table)", config)
+    gpus.add_argument("--json", action="store_true", help="machine-readable output")
     _command(sub, "doctor", cmd_doctor, "check the key, host key, SSH login, tools, remote "
              "work root, GPUs, local folders and Prefect API of a configuration", config)
     return parser
