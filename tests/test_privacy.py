@@ -58,7 +58,7 @@ def everything(api: str, path: str, key: str | None = None) -> list[object]:
 
 
 def events(api: str) -> list[object]:
-    response = httpx.post(f"{api}/events/filter", json={"limit": 200}, timeout=30)
+    response = httpx.post(f"{api}/events/filter", json={"limit": 50}, timeout=30)
     response.raise_for_status()
     body = response.json()
     found = list(body["events"])
