@@ -1,0 +1,410 @@
+"""The GPU curator: a scheduled look at the GPU pool, and the repair of what drifted.
+
+Every ``curator.interval_seconds`` (deployment ``curate_gpus/curate-gpus``, served
+by ``mqi up``) it reads the GPU host once (flows/gpu_survey.py) and
+
+- records the table artifact ``gpu-pool``: per GPU its memory, utilisation,
+  temperature, compute processes, which case and beam hold it by our lock (or
+  that a foreign process does) and whether a simulation could have it now;
+- emits ``mqi.gpu.status`` per GPU (resource ``mqi.gpu.<uuid>``) and
+  ``mqi.gpu.warning`` when a threshold is newly crossed: too hot, too little free
+  memory, a process no run owns, a GPU gone or back, a host that does not answer;
+- sizes the GPU admission limit to the GPUs present (``GpuPool.ensure_limit``);
+- finds and repairs drift (flows/drift.py): stale processes holding GPU locks,
+  zombie RUNNING runs, leftover work folders of long-COMPLETED runs.
+
+What it saw last (the GPUs, the warnings in force) is kept in a Prefect Variable,
+so "gone", "back" and "newly crossed" are judged against the previous look,
+whichever process ran it. ``mqi gpus`` prints the same table (``gpu_report``).
+See docs/curator.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from prefect import flow, get_run_logger
+
+from blocks.errors import CommandError, HostError
+from blocks.gpu_pool import GpuInfo, GpuPool, GpuQueryError
+from blocks.host import Host
+from config import MqiConfig, MqiError
+from config.redaction import redact
+from flows.curator_runs import RunIndex, read_runs
+from flows.drift import (
+    Repair,
+    crash_zombie,
+    kill_stale,
+    leftover_folders,
+    newest_logs,
+    remove_folder,
+    stale_processes,
+    utcnow,
+    zombie_runs,
+)
+from flows.gpu_survey import HostSurvey, survey
+from flows.gpu_table import GpuRow, GpuWarning, gpu_rows, vanished_row
+from flows.settings import flow_config, flow_host, flow_pool
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+
+CURATOR_FLOW = "curate_gpus"
+CURATOR_DEPLOYMENT = "curate-gpus"
+ARTIFACT_KEY = "gpu-pool"
+STATUS_EVENT = "mqi.gpu.status"
+WARNING_EVENT = "mqi.gpu.warning"
+LIMIT_EVENT = "mqi.gpu.limit"
+REPAIR_EVENT = "mqi.curator.repair"
+
+log = logging.getLogger("mqi.curator")
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class LastLook:
+    """What the previous curator run saw, kept in a Prefect Variable between runs.
+
+    Attributes:
+        gpus: UUID → (index, name) of the GPUs the host reported last.
+        missing: UUID → (index, name) of GPUs seen once and not reported since.
+        warnings: The warnings in force (``<kind>:<uuid or host>``): a warning
+            event is emitted only when one is newly crossed.
+        looked: False before the first look (nothing to compare with).
+    """
+
+    gpus: dict[str, tuple[int, str]] = field(default_factory=dict)
+    missing: dict[str, tuple[int, str]] = field(default_factory=dict)
+    warnings: set[str] = field(default_factory=set)
+    looked: bool = False
+
+
+def state_variable(cfg: MqiConfig) -> str:
+    """The Variable's name: one per installation (per GPU limit), as Prefect allows names."""
+    return "mqi_curator_" + re.sub(r"[^a-z0-9_]+", "_", cfg.gpu.concurrency_limit.lower())
+
+
+def load_last_look(cfg: MqiConfig) -> LastLook:
+    from prefect.variables import Variable
+
+    value = Variable.get(state_variable(cfg), default=None)
+    if not isinstance(value, str):
+        return LastLook()
+    try:
+        data = json.loads(value)
+        return LastLook(gpus={u: (int(i), str(n)) for u, (i, n) in data["gpus"].items()},
+                        missing={u: (int(i), str(n)) for u, (i, n) in data["missing"].items()},
+                        warnings=set(data["warnings"]), looked=True)
+    except (ValueError, KeyError, TypeError):
+        return LastLook()  # unreadable (an older form): start afresh
+
+
+def save_last_look(cfg: MqiConfig, look: LastLook) -> None:
+    from prefect.types import MAX_VARIABLE_VALUE_LENGTH
+    from prefect.variables import Variable
+
+    data: dict[str, Any] = {"gpus": look.gpus, "missing": look.missing,
+                            "warnings": sorted(look.warnings)}
+    text = json.dumps(data, separators=(",", ":"))
+    if len(text) > MAX_VARIABLE_VALUE_LENGTH - 100:  # a very large host: names can go
+        data["gpus"] = {u: (i, "") for u, (i, _) in look.gpus.items()}
+        data["missing"] = {u: (i, "") for u, (i, _) in look.missing.items()}
+        text = json.dumps(data, separators=(",", ":"))
+    Variable.set(state_variable(cfg), text, overwrite=True)
+
+
+# -------------------------------------------------------------------------- report
+@dataclass
+class CuratorReport:
+    """What one curator run saw and did (the flow's result).
+
+    Attributes:
+        host: The GPU host.
+        answered: False when the host (or its GPU query) did not answer.
+        gpus: GPUs reported.
+        usable: Of those, usable by a simulation now.
+        limit: The admission limit after this run (None when it was not read).
+        warnings: Warnings newly crossed (each emitted as an event).
+        repairs: Drift found, and what was done about it.
+        dry_run: Nothing was repaired.
+    """
+
+    host: str
+    answered: bool = True
+    gpus: int = 0
+    usable: int = 0
+    limit: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def host_name(host: Host) -> str:
+    """The GPU host as tables and events name it: its hostname (this machine's for local)."""
+    return str(getattr(host, "hostname", "") or socket.gethostname())
+
+
+def _case_ids(found: HostSurvey) -> set[str]:
+    return {f.case_id for f in found.folders} | {p.case_id for p in found.pid_files}
+
+
+def compare(rows: list[GpuRow], last: LastLook, host: str) -> tuple[list[GpuRow], LastLook]:
+    """Add rows for GPUs gone since the last look and warnings for GPUs back or new;
+    return the rows and what this look leaves for the next one."""
+    now = {r.uuid: (r.index, r.name) for r in rows}
+    missing = {u: v for u, v in {**last.missing, **last.gpus}.items() if u not in now} \
+        if last.looked else {}
+    for row in rows:
+        if not last.looked or row.uuid in last.gpus:
+            continue
+        if row.uuid in last.missing:
+            row.warnings.append(GpuWarning("returned", f"GPU {row.index} ({row.uuid}) is "
+                                                       f"reported by {host} again"))
+        else:
+            row.warnings.append(GpuWarning("appeared", f"GPU {row.index} ({row.uuid}) is new "
+                                                       f"on {host}"))
+    gone = [vanished_row(host, u, i, n) for u, (i, n) in sorted(missing.items(),
+                                                                 key=lambda kv: kv[1][0])]
+    return rows + gone, LastLook(gpus=now, missing=missing, warnings=set(), looked=True)
+
+
+# ---------------------------------------------------------------------- the look
+def gpu_report(cfg: MqiConfig, host: Host, pool: GpuPool,
+               client: SyncPrefectClient | None) -> tuple[list[GpuRow], list[str]]:
+    """The table ``mqi gpus`` prints: rows, and notes to print below them.
+
+    Args:
+        client: A Prefect client when the API answers (task-run names, GPUs gone
+            since the curator's last look); None reads the host alone.
+
+    Raises:
+        HostError: The host did not answer, or its GPU query failed.
+        GpuQueryError: The GPU query printed something that is not nvidia-smi CSV.
+    """
+    found = survey(host, pool, cfg.paths.remote_work_root)
+    notes = []
+    runs = None
+    last = LastLook()
+    if client is not None:
+        runs = read_runs(client, _case_ids(found))
+        last = load_last_look(cfg)
+    else:
+        notes.append("(no Prefect API: task runs not shown)")
+    rows = gpu_rows(host_name(host), found, pool, cfg.curator.max_temperature_c, runs)
+    rows, _ = compare(rows, last, host_name(host))
+    if client is not None:
+        limit = _limit(client, pool.limit_name)
+        notes.append(f"admission limit {pool.limit_name}: "
+                     f"{'not created yet' if limit is None else limit}")
+    return rows, notes
+
+
+class GpuReadError(MqiError):
+    """The GPU host's GPUs could not be read (`mqi gpus`)."""
+
+
+def gpus_now(cfg: MqiConfig, with_api: bool) -> tuple[list[GpuRow], list[str]]:
+    """``gpu_report`` for the host and pool the configuration describes (`mqi gpus`).
+
+    Args:
+        with_api: The Prefect API answers (``PREFECT_API_URL`` points at it).
+
+    Raises:
+        GpuReadError: The host did not answer, or its GPU query failed.
+    """
+    from prefect.client.orchestration import get_client
+
+    from blocks.factory import gpu_host, gpu_pool
+
+    host = gpu_host(cfg)
+    try:
+        if not with_api:
+            return gpu_report(cfg, host, gpu_pool(cfg), None)
+        with get_client(sync_client=True) as client:
+            return gpu_report(cfg, host, gpu_pool(cfg), client)
+    except (HostError, GpuQueryError) as exc:
+        raise GpuReadError(f"could not read the GPUs of {host_name(host)}: {exc}") from None
+    finally:
+        host.close()
+
+
+@flow(name=CURATOR_FLOW, flow_run_name="curate-gpus")
+def curate_gpus(dry_run: bool | None = None) -> CuratorReport:
+    """Look at the GPU pool, record it, warn, size the admission limit, repair drift.
+
+    Args:
+        dry_run: Report drift without repairing it; None: ``curator.dry_run``.
+    """
+    cfg = flow_config()
+    logger = get_run_logger()
+    host = flow_host(cfg)
+    if not cfg.curator.enabled:
+        logger.info("curator.enabled is false: not looking at the GPUs")
+        return CuratorReport(host=host_name(host))
+    return curate(cfg, host, flow_pool(cfg), cfg.curator.dry_run if dry_run is None else dry_run,
+                  logger)
+
+
+def curate(cfg: MqiConfig, host: Host, pool: GpuPool, dry_run: bool,
+           logger: Logger) -> CuratorReport:
+    """One curator run (the flow's body; the flow loads what it works with)."""
+    from prefect.client.orchestration import get_client
+
+    name = host_name(host)
+    last = load_last_look(cfg)
+    report = CuratorReport(host=name, dry_run=dry_run)
+    try:
+        found = survey(host, pool, cfg.paths.remote_work_root)
+    except (HostError, GpuQueryError) as exc:
+        return _unanswered(cfg, name, last, exc, report, logger)
+    with get_client(sync_client=True) as client:
+        runs = read_runs(client, _case_ids(found))
+        repairs = _repair(cfg, host, name, found, runs, client, dry_run)
+        if any(r.done and r.kind == "stale-process" for r in repairs):
+            found = survey(host, pool, cfg.paths.remote_work_root)  # the locks freed
+            runs = read_runs(client, _case_ids(found))
+        rows = gpu_rows(name, found, pool, cfg.curator.max_temperature_c, runs)
+        rows, look = compare(rows, last, name)
+        report.limit, limit_note = _size_limit(client, host, pool, found.gpus, logger)
+    report.gpus = len(found.gpus)
+    report.usable = sum(r.usable for r in rows)
+    report.repairs = [r.message for r in repairs]
+    warnings = {f"{w.kind}:{r.uuid}": (r, w) for r in rows for w in r.warnings}
+    look.warnings = set(warnings)
+    new = {k: v for k, v in warnings.items() if k not in last.warnings}
+    report.warnings = [w.message for _, w in new.values()]
+    for message in report.warnings:
+        logger.warning("%s", redact(message))
+    for message in report.repairs:
+        logger.warning("%s", redact(message))
+    _record(name, rows, report, limit_note)
+    _emit(name, rows, new.values(), repairs)
+    save_last_look(cfg, look)
+    logger.info("%s: %d GPU(s), %d usable now; %s", name, report.gpus, report.usable,
+                limit_note)
+    return report
+
+
+def _unanswered(cfg: MqiConfig, name: str, last: LastLook, exc: Exception,
+                report: CuratorReport, logger: Logger) -> CuratorReport:
+    """The host did not answer: warn (once), show the GPUs last seen, keep them for the
+    next look, and leave the limit alone: a host back from a reboot must not count as
+    every GPU gone and back."""
+    from prefect.events import emit_event
+
+    kind = "gpu-query-failed" if isinstance(exc, CommandError | GpuQueryError) \
+        else "host-unreachable"
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = (f"GPU host {name} does not answer: {first}" if kind == "host-unreachable"
+               else f"the GPU query on {name} failed: {first}")
+    report.answered = False
+    key = f"{kind}:{name}"
+    if key not in last.warnings:
+        report.warnings.append(message)
+        logger.warning("%s", redact(message))
+        emit_event(WARNING_EVENT, resource=_host_resource(name),
+                   payload={"kind": kind, "message": redact(message)})
+    rows = [GpuRow(host=name, index=i, uuid=u, name=n, memory_used_mib=None,
+                   memory_free_mib=None, memory_total_mib=None, utilization_pct=None,
+                   temperature_c=None, why=f"the host does not answer ({kind})")
+            for u, (i, n) in sorted({**last.gpus}.items(), key=lambda kv: kv[1][0])]
+    _record(name, rows, report, "admission limit left as it was")
+    if last.looked:
+        save_last_look(cfg, LastLook(gpus=last.gpus, missing=last.missing,
+                                     warnings={key}, looked=True))
+    return report
+
+
+def _repair(cfg: MqiConfig, host: Host, name: str, found: HostSurvey, runs: RunIndex,
+            client: SyncPrefectClient, dry_run: bool) -> list[Repair]:
+    repairs = [kill_stale(cfg, host, found, runs, p, dry_run)
+               for p in stale_processes(cfg, found, runs)]
+    now = utcnow()
+    quiet = cfg.curator.zombie_after_seconds
+    heard = newest_logs(client, runs.running, now - timedelta(seconds=quiet))
+    repairs += [crash_zombie(client, name, run, stages, why, quiet, dry_run)
+                for run, stages, why in zombie_runs(cfg, found, runs, heard, now)]
+    repairs += [remove_folder(cfg, host, folder, run, dry_run)
+                for folder, run in leftover_folders(cfg, found, runs, now)]
+    return repairs
+
+
+def _limit(client: SyncPrefectClient, limit_name: str) -> int | None:
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return int(client.read_global_concurrency_limit_by_name(limit_name).limit)
+    except ObjectNotFound:
+        return None
+
+
+def _size_limit(client: SyncPrefectClient, host: Host, pool: GpuPool, gpus: list[GpuInfo],
+                logger: Logger) -> tuple[int | None, str]:
+    """Size the admission limit to the GPUs present, by GpuPool.ensure_limit's rule."""
+    from prefect.events import emit_event
+
+    before = _limit(client, pool.limit_name)
+    try:
+        pool.ensure_limit(host, gpus=gpus)
+    except GpuQueryError as exc:  # no GPU selected: a limit of 0 would fail every admission
+        return before, f"admission limit {pool.limit_name} left at {before}: {exc}"
+    after = _limit(client, pool.limit_name)
+    if after != before:
+        logger.warning("admission limit %s: %s → %s GPU(s)", pool.limit_name, before, after)
+        emit_event(LIMIT_EVENT, resource={"prefect.resource.id": f"mqi.gpu-limit.{pool.limit_name}",
+                                          "prefect.resource.name": pool.limit_name},
+                   payload={"before": before, "after": after})
+        return after, f"admission limit {pool.limit_name}: {before} → {after}"
+    return after, f"admission limit {pool.limit_name}: {after}"
+
+
+def _host_resource(name: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"mqi.gpu-host.{name}", "prefect.resource.name": name}
+
+
+def _gpu_resource(row: GpuRow) -> dict[str, str]:
+    return {"prefect.resource.id": f"mqi.gpu.{row.uuid}",
+            "prefect.resource.name": f"GPU {row.index} on {row.host}",
+            "mqi.gpu.index": str(row.index), "mqi.gpu.host": row.host}
+
+
+def _emit(name: str, rows: list[GpuRow], new: Any, repairs: list[Repair]) -> None:
+    from prefect.events import emit_event
+
+    for row in rows:
+        if row.memory_total_mib is not None:  # a GPU gone has no status, only its warning
+            emit_event(STATUS_EVENT, resource=_gpu_resource(row), payload=row.as_record())
+    for row, warning in new:
+        emit_event(WARNING_EVENT, resource=_gpu_resource(row),
+                   payload={"kind": warning.kind, "message": redact(warning.message),
+                            "index": row.index, "host": row.host})
+    for repair in repairs:
+        related = [{"prefect.resource.id": f"prefect.flow-run.{repair.flow_run_id}",
+                    "prefect.resource.role": "flow-run"}] if repair.flow_run_id else []
+        emit_event(REPAIR_EVENT, resource={"prefect.resource.id": f"mqi.case.{repair.case_id}",
+                                           "prefect.resource.name": repair.case_id},
+                   related=related,
+                   payload={"kind": repair.kind, "subject": repair.subject, "done": repair.done,
+                            "message": redact(repair.message), "host": name})
+
+
+def _record(name: str, rows: list[GpuRow], report: CuratorReport, limit_note: str) -> None:
+    """The ``gpu-pool`` table artifact (Prefect keeps every version under the key)."""
+    from prefect.artifacts import create_table_artifact
+
+    lines = [f"GPU pool of **{name}**: {report.gpus} GPU(s), {report.usable} usable now; "
+             f"{limit_note}."]
+    if not report.answered:
+        lines = [f"GPU host **{name}** did not answer; the GPUs it reported last are listed."]
+    for message in report.repairs:
+        lines.append(f"- {'(dry run) ' if report.dry_run else ''}{message}")
+    table = [row.as_record() for row in rows] or [{"host": name, "index": None, "why": "no GPU"}]
+    create_table_artifact(table=table, key=ARTIFACT_KEY, description=redact("\n".join(lines)))
+
