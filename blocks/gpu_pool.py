@@ -244,6 +244,19 @@ class GpuPool(Block):
                         GlobalConcurrencyLimitUpdate(limit=len(selected), active=True))
         return selected
 
+    def ensure_limit_exists(self, host: Host) -> None:
+        """Create the admission limit when there is none; the host is read only then."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_global_concurrency_limit_by_name(self.limit_name)
+                return
+            except ObjectNotFound:
+                pass
+        self.ensure_limit(host)
+
     @contextlib.contextmanager
     def admission(self, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
         """Hold one admission slot for the life of the ``with`` block.

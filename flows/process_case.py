@@ -172,8 +172,9 @@ def process_case(case_dir: str, workflow: str = "default_qa",
             i += 1
             continue
         if GPU_STEP in steps[i:] and not sims:
-            # Size the GPU limits to what the host has now (idempotent, cheap).
-            flow_pool(cfg).ensure_limit(flow_host(cfg))
+            # The admission limit must exist (`mqi run` may come before any `mqi up`);
+            # sizing it to the GPUs is `mqi up`'s and the curator's work, not each case's.
+            flow_pool(cfg).ensure_limit_exists(flow_host(cfg))
         chain = []  # consecutive per-beam steps run as one chain per beam, beams in parallel
         while i < len(steps) and steps[i] in BEAM_STEPS:
             chain.append(steps[i])

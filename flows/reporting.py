@@ -51,9 +51,9 @@ class ProgressReporter:
         self._logger = get_run_logger()
         self._label = f"case {case_id} beam {beam} on GPU {gpu}" + \
             (" (SIMULATED)" if simulated else "")
-        # Called from a sync task, so Prefect's sync_compatible returns the id itself.
-        self._artifact = cast(UUID, create_progress_artifact(progress=0.0,
-                                                              description=self._label))
+        # Made at the first progress line, not here: this runs between a GPU being
+        # ours and the simulation starting, where every API call is GPU time lost.
+        self._artifact: UUID | None = None
         self._shown = 0.0
         self._last_update = 0.0
 
@@ -75,6 +75,11 @@ class ProgressReporter:
     def _set(self, percent: float, note: str = "") -> None:
         self._shown = percent
         self._last_update = time.monotonic()
+        if self._artifact is None:
+            # Called from a sync task, so Prefect's sync_compatible returns the id itself.
+            self._artifact = cast(UUID, create_progress_artifact(
+                progress=percent, description=self._label + note))
+            return
         update_progress_artifact(self._artifact, progress=percent,
                                  description=self._label + note)
 
