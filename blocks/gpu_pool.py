@@ -218,6 +218,18 @@ class GpuPool(Block):
             The GPUs that pass the selection (ignoring who runs on them: our own
             running simulations show up as compute processes too).
         """
+        if gpus is None:
+            gpus, _ = self.read(host)
+        selected = [g for g in gpus if self.indices is None or g.index in self.indices]
+        if not selected:
+            raise GpuQueryError("the GPU host reports no GPU"
+                                + (f" among indices {self.indices}" if self.indices else ""))
+        self.set_limit(len(selected))
+        return selected
+
+    def set_limit(self, slots: int) -> int | None:
+        """Create the admission limit with ``slots`` slots, or resize it (the curator sizes
+        it to the GPUs it finds usable); returns the size it had (None: there was none)."""
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import (
             GlobalConcurrencyLimitCreate,
@@ -225,24 +237,19 @@ class GpuPool(Block):
         )
         from prefect.exceptions import ObjectNotFound
 
-        if gpus is None:
-            gpus, _ = self.read(host)
-        selected = [g for g in gpus if self.indices is None or g.index in self.indices]
-        if not selected:
-            raise GpuQueryError("the GPU host reports no GPU"
-                                + (f" among indices {self.indices}" if self.indices else ""))
+        if slots < 1:  # a request for more slots than the limit fails, never waits
+            raise ValueError(f"the admission limit needs at least 1 slot, not {slots}")
         with get_client(sync_client=True) as client:
             try:
                 current = client.read_global_concurrency_limit_by_name(self.limit_name)
             except ObjectNotFound:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
-                    name=self.limit_name, limit=len(selected), active=True))
-            else:
-                if current.limit != len(selected) or not current.active:
-                    client.update_global_concurrency_limit(
-                        self.limit_name,
-                        GlobalConcurrencyLimitUpdate(limit=len(selected), active=True))
-        return selected
+                    name=self.limit_name, limit=slots, active=True))
+                return None
+            if current.limit != slots or not current.active:
+                client.update_global_concurrency_limit(
+                    self.limit_name, GlobalConcurrencyLimitUpdate(limit=slots, active=True))
+            return int(current.limit)
 
     def ensure_limit_exists(self, host: Host) -> None:
         """Create the admission limit when there is none; the host is read only then."""
