@@ -20,7 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from flows.naming import DEPLOYMENT_NAME, FLOW_NAME, SYSTEM_TAG
+from flows.naming import (
+    ARCHIVER_DEPLOYMENT,
+    ARCHIVER_FLOW,
+    DEPLOYMENT_NAME,
+    FLOW_NAME,
+    SYSTEM_TAG,
+)
 
 if TYPE_CHECKING:
     from config import MqiConfig
@@ -116,6 +122,16 @@ class DeploymentSpec:
         return getattr(importlib.import_module(module), attribute)
 
 
+def _archiver_schedule(cfg: MqiConfig | None) -> dict[str, Any]:
+    """``archiver.schedule_cron`` in ``archiver.schedule_timezone``; ``enabled: false``
+    makes it inactive (None: the defaults)."""
+    from config.models import ArchiverSettings
+
+    section = ArchiverSettings() if cfg is None else cfg.archiver
+    return {"cron": section.schedule_cron, "timezone": section.schedule_timezone,
+            "active": section.enabled}
+
+
 DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     DeploymentSpec(
         name=DEPLOYMENT_NAME,
@@ -123,6 +139,16 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         description="One case folder end to end: inspect, upload, interpreter, MOQUI per "
                     "beam on one GPU each, RT Dose conversion, download, verify, report.",
         parameters={"workflow": "default_qa"},
+    ),
+    # the archiver's block: its schedule is the configuration's `archiver` section
+    DeploymentSpec(
+        name=ARCHIVER_DEPLOYMENT,
+        entrypoint=f"flows.archiver:{ARCHIVER_FLOW}",
+        description="Housekeeping: each case whose newest run COMPLETED more than "
+                    "archiver.keep_days ago, its case folder and results packed into one "
+                    "verified archive, then deleted; docs/archiver.md.",
+        schedule=_archiver_schedule(None),
+        configured_by=_archiver_schedule,
     ),
 )
 
