@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from deployments.capacity import case_slots
-from deployments.definitions import DEPLOYMENTS, DeploymentSpec
+from deployments.definitions import DeploymentSpec, deployments_for
 from deployments.supervisor import announce_ready
 
 
@@ -33,6 +33,21 @@ def owned_by_workers(client: Any, spec: DeploymentSpec) -> str | None:
     except ObjectNotFound:
         return None
     return deployment.work_pool_name or None
+
+
+def remove_served(client: Any, spec: DeploymentSpec) -> bool:
+    """Delete ``spec``'s deployment that serve registered before (none on a work pool):
+    the configuration turned it off, and its schedule must make no more runs."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        deployment = client.read_deployment_by_name(spec.full_name)
+    except ObjectNotFound:
+        return False
+    if deployment.work_pool_name:
+        return False
+    client.delete_deployment(deployment.id)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +86,17 @@ def main(argv: list[str] | None = None) -> int:
 
     served: list[str] = []
     with get_client(sync_client=True) as client:
-        for spec in DEPLOYMENTS:
+        # Housekeeping schedules come from the configuration (deployments/definitions.py).
+        for spec in deployments_for(config):
             pool = owned_by_workers(client, spec)
             if pool is not None:
                 print(f"{spec.full_name} is deployed on work pool {pool!r}: its runs go to "
                       f"the workers there; not served here", flush=True)
+                continue
+            if not spec.active:
+                gone = "; removed the one served before" if remove_served(client, spec) else ""
+                print(f"{spec.full_name} is turned off in the configuration: not served{gone}",
+                      flush=True)
                 continue
             runner.add_flow(spec.load(), **spec.options())
             served.append(spec.full_name)
