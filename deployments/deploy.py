@@ -13,7 +13,7 @@ from pathlib import Path
 
 from config import MqiConfig
 from deployments.capacity import case_slots
-from deployments.definitions import DEPLOYMENTS, WORK_POOL
+from deployments.definitions import WORK_POOL, deployments_for
 from deployments.publish import publish
 
 
@@ -47,9 +47,13 @@ def deploy(cfg: MqiConfig, config_file: Path) -> list[str]:
     if cfg.cases.max_concurrent is None:
         _size_gpu_limit(cfg)  # the default bound follows the GPUs: know them first
     done += ensure_work_pool(cfg)
-    for spec in DEPLOYMENTS:
+    # As `prefect deploy --all` does from prefect.yaml: every deployment, a housekeeping
+    # one turned off in the configuration with its schedule inactive.
+    for spec in deployments_for(cfg):
         spec.load().to_deployment(**spec.options()).apply(work_pool_name=WORK_POOL)
-        done.append(f"deployed {spec.full_name} on work pool {WORK_POOL!r}")
+        done.append(f"deployed {spec.full_name} on work pool {WORK_POOL!r}" +
+                    ("" if spec.active else " (its schedule inactive: turned off in the "
+                                            "configuration)"))
     return done
 
 
