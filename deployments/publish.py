@@ -3,9 +3,11 @@
 `mqi up`, `mqi deploy` and the CLI's own runs call ``publish`` before any flow
 runs: the validated configuration (block ``mqi-config``), the GPU host with its
 secrets read from the ``*_env`` variables into SecretStr fields
-(``mqi-gpu-host``), the GPU pool (``mqi-gpu-pool``) and the result storage every
-process shares (``local-file-system/mqi-results``). A worker anywhere then needs
-only ``PREFECT_API_URL`` (flows/settings.py loads them).
+(``mqi-gpu-host``), the GPU pool (``mqi-gpu-pool``), the result storage every
+process shares (``local-file-system/mqi-results``), and the configured
+housekeeping schedules as the Prefect variables prefect.yaml reads
+(``mqi_<deployment>_<key>``). A worker anywhere then needs only
+``PREFECT_API_URL`` (flows/settings.py loads them).
 """
 
 from __future__ import annotations
@@ -51,4 +53,18 @@ def publish(cfg: MqiConfig, config_file: Path) -> list[str]:
         folder.mkdir(parents=True, exist_ok=True)
         LocalFileSystem(basepath=str(folder)).save(RESULTS_BLOCK, overwrite=True)
         saved.append(f"local-file-system/{RESULTS_BLOCK}")
+    saved += publish_schedules(cfg)
     return saved
+
+
+def publish_schedules(cfg: MqiConfig) -> list[str]:
+    """Save the configured housekeeping schedules as the Prefect variables prefect.yaml
+    reads, so `prefect deploy --all` registers the configuration's schedules too."""
+    from prefect.variables import Variable
+
+    from deployments.definitions import schedule_variables
+
+    variables = schedule_variables(cfg)
+    for name, value in variables.items():
+        Variable.set(name, value, overwrite=True)
+    return [f"variable/{name}" for name in sorted(variables)]
