@@ -8,6 +8,7 @@
     mqi rerun CASE_ID | --all-failed  retry failed runs on serve/workers; finished stages reused
     mqi deploy [--config PATH]     publish the blocks, create the work pool, deploy for workers
     mqi doctor [--config PATH]     check that everything a case needs is there and answers
+    mqi archive [--dry-run] [--case ID]   archive finished cases now, in the foreground
     mqi gpus [--json]              the GPU pool now: one line a GPU, who holds it, usable or why not
 
 Exit status 0 means success. Every expected failure is an ``MqiError``: its
@@ -190,6 +191,16 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from deployments.archive_cli import run_archiver
+    from deployments.foreground import use_config
+
+    use_config(config_file(args.config))
+    for line in run_archiver(args.dry_run, args.case, debug=args.debug):
+        print(line)
+    return 0
+
+
 def _config_option(default: str) -> argparse.ArgumentParser:
     """A parent parser: the ``--config`` option every command that loads one shares."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -277,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     gpus.add_argument("--json", action="store_true", help="machine-readable output")
     _command(sub, "doctor", cmd_doctor, "check the key, host key, SSH login, tools, remote "
              "work root, GPUs, local folders and Prefect API of a configuration", config)
+    archive = _command(sub, "archive", cmd_archive, "archive finished cases now, as the "
+                       "scheduled archiver does: one verified archive per case, then the "
+                       "originals deleted", config)
+    archive.add_argument("--dry-run", action="store_true",
+                         help="only list what would be done (case, age, sizes, what would be "
+                              "deleted); change nothing")
+    archive.add_argument("--case", metavar="ID",
+                         help="only this case (and say why, when it is not due)")
+    archive.add_argument("--debug", action="store_true",
+                         help="show Python tracebacks in the terminal")
     return parser
 
 
