@@ -172,9 +172,12 @@ def cases_go_to_workers() -> bool:
 
     from deployments.definitions import DEPLOYMENTS
     from deployments.serve import owned_by_workers
+    from flows.naming import DEPLOYMENT_NAME
 
+    # The case deployment only: housekeeping (the archiver) on a work pool holds no GPU.
     with get_client(sync_client=True) as client:
-        return any(owned_by_workers(client, spec) for spec in DEPLOYMENTS)
+        return any(owned_by_workers(client, spec) for spec in DEPLOYMENTS
+                   if spec.name == DEPLOYMENT_NAME)
 
 
 def release_orphaned_gpu_slots(cfg: MqiConfig) -> int:
