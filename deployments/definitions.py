@@ -132,6 +132,15 @@ def _archiver_schedule(cfg: MqiConfig | None) -> dict[str, Any]:
             "active": section.enabled}
 
 
+def _curator_schedule(cfg: MqiConfig | None) -> dict[str, Any]:
+    """Every ``curator.interval_seconds``; ``curator.enabled: false`` makes it inactive
+    (None: the defaults)."""
+    from config.models import CuratorSettings
+
+    section = CuratorSettings() if cfg is None else cfg.curator
+    return {"interval": section.interval_seconds, "active": section.enabled}
+
+
 DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     DeploymentSpec(
         name=DEPLOYMENT_NAME,
@@ -149,6 +158,17 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
                     "verified archive, then deleted; docs/archiver.md.",
         schedule=_archiver_schedule(None),
         configured_by=_archiver_schedule,
+    ),
+    # the GPU curator's block: its schedule is the configuration's `curator` section
+    DeploymentSpec(
+        name="curate-gpus",
+        entrypoint="flows.curator:curate_gpus",
+        description="Housekeeping: the GPU pool every curator.interval_seconds — the "
+                    "gpu-pool table artifact, mqi.gpu.status and mqi.gpu.warning events, the "
+                    "admission limit sized to the usable GPUs, stale GPU locks, zombie runs "
+                    "and leftover work folders repaired; docs/curator.md.",
+        schedule=_curator_schedule(None),
+        configured_by=_curator_schedule,
     ),
 )
 
