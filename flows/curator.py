@@ -9,7 +9,7 @@ by ``mqi up``) it reads the GPU host once (flows/gpu_survey.py) and
 - emits ``mqi.gpu.status`` per GPU (resource ``mqi.gpu.<uuid>``) and
   ``mqi.gpu.warning`` when a threshold is newly crossed: too hot, too little free
   memory, a process no run owns, a GPU gone or back, a host that does not answer;
-- sizes the GPU admission limit to the GPUs present (``GpuPool.ensure_limit``);
+- sizes the GPU admission limit to the GPUs our simulations can have (``GpuPool.set_limit``);
 - finds and repairs drift (flows/drift.py): stale processes holding GPU locks,
   zombie RUNNING runs, leftover work folders of long-COMPLETED runs.
 
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import flow, get_run_logger
 
 from blocks.errors import CommandError, HostError
-from blocks.gpu_pool import GpuInfo, GpuPool, GpuQueryError
+from blocks.gpu_pool import GpuPool, GpuQueryError
 from blocks.host import Host
 from config import MqiConfig, MqiError
 from config.redaction import redact
@@ -272,7 +272,7 @@ def curate(cfg: MqiConfig, host: Host, pool: GpuPool, dry_run: bool,
             runs = read_runs(client, _case_ids(found))
         rows = gpu_rows(name, found, pool, cfg.curator.max_temperature_c, runs)
         rows, look = compare(rows, last, name)
-        report.limit, limit_note = _size_limit(client, host, pool, found.gpus, logger)
+        report.limit, limit_note = _size_limit(client, pool, rows, logger)
     report.gpus = len(found.gpus)
     report.usable = sum(r.usable for r in rows)
     report.repairs = [r.message for r in repairs]
@@ -345,24 +345,29 @@ def _limit(client: SyncPrefectClient, limit_name: str) -> int | None:
         return None
 
 
-def _size_limit(client: SyncPrefectClient, host: Host, pool: GpuPool, gpus: list[GpuInfo],
+def _size_limit(client: SyncPrefectClient, pool: GpuPool, rows: list[GpuRow],
                 logger: Logger) -> tuple[int | None, str]:
-    """Size the admission limit to the GPUs present, by GpuPool.ensure_limit's rule."""
+    """Size the admission limit to the GPUs our simulations can have: present, in
+    ``gpu.indices``, and usable now or held by a run of ours (a GPU of ours that runs a
+    simulation is not lost to the pool). At least 1 while any GPU is there: a request
+    for more slots than the limit fails instead of waiting, so with every GPU taken by
+    foreign processes one beam waits for one, saying why (GpuPool.choose_index)."""
     from prefect.events import emit_event
 
-    before = _limit(client, pool.limit_name)
-    try:
-        pool.ensure_limit(host, gpus=gpus)
-    except GpuQueryError as exc:  # no GPU selected: a limit of 0 would fail every admission
-        return before, f"admission limit {pool.limit_name} left at {before}: {exc}"
-    after = _limit(client, pool.limit_name)
-    if after != before:
-        logger.warning("admission limit %s: %s → %s GPU(s)", pool.limit_name, before, after)
+    present = [r for r in rows if r.memory_total_mib is not None
+               and (pool.indices is None or r.index in pool.indices)]
+    if not present:
+        now = _limit(client, pool.limit_name)
+        return now, f"admission limit {pool.limit_name} left at {now}: no GPU selected"
+    slots = max(1, sum(r.usable or r.held_by_us for r in present))
+    before = pool.set_limit(slots)
+    if before != slots:
+        logger.warning("admission limit %s: %s → %s GPU(s)", pool.limit_name, before, slots)
         emit_event(LIMIT_EVENT, resource={"prefect.resource.id": f"mqi.gpu-limit.{pool.limit_name}",
                                           "prefect.resource.name": pool.limit_name},
-                   payload={"before": before, "after": after})
-        return after, f"admission limit {pool.limit_name}: {before} → {after}"
-    return after, f"admission limit {pool.limit_name}: {after}"
+                   payload={"before": before, "after": slots})
+        return slots, f"admission limit {pool.limit_name}: {before} → {slots}"
+    return slots, f"admission limit {pool.limit_name}: {slots}"
 
 
 def _host_resource(name: str) -> dict[str, str]:

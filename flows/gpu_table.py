@@ -53,6 +53,7 @@ class GpuRow:
         processes: The compute processes on it: ``pid (MiB)``, ours or not.
         held_by: Which case and beam hold it by our lock, the holder's command line
             when it is not one of our runs, ``foreign process``, or "".
+        held_by_us: A run of ours holds its lock.
         task_run: The running simulation's task run as Prefect names it, or "".
         usable: A simulation could be given it now.
         why: Why not, when not usable.
@@ -70,6 +71,7 @@ class GpuRow:
     temperature_c: int | None
     processes: str = ""
     held_by: str = ""
+    held_by_us: bool = False
     task_run: str = ""
     usable: bool = False
     why: str = ""
@@ -131,6 +133,7 @@ def _row(host: str, gpu: GpuInfo, apps: list[ComputeApp], survey: HostSurvey,
     holder_file = ours.get(holder.pgid) if holder is not None else None
     if holder is not None:
         row.held_by = _holder_text(survey, holder_file, holder.pid, holder.pgid)
+        row.held_by_us = holder_file is not None
         if holder_file is not None and runs is not None:
             row.task_run = runs.simulation(holder_file.case_id, holder_file.short,
                                            holder_file.beam) or ""
