@@ -232,9 +232,9 @@ class ArchiverSettings(Section):
         default=False, description="Also archive cases whose newest run FAILED, CRASHED or "
         "was CANCELLED that long ago; false: left alone for the operator.")
     prune_runs_after_days: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="Delete finished Prefect flow runs (with their task runs, "
-        "logs and artifacts) that ended more than this many days ago, except a case's newest "
-        "run while its folders exist; null: never.")
+        default=None, description="Delete finished Prefect flow runs of MQI (with their task "
+        "runs and artifacts; their logs at the server's orphan vacuum) that ended more than "
+        "this many days ago, except a case's newest run while its folders exist; null: never.")
 
     @field_validator("schedule_cron")
     @classmethod
