@@ -297,8 +297,8 @@ def verify(part: Path, sets: list[FileSet], case_id: str) -> None:
     if wrong:
         more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
         raise ArchiveError(case_id, f"checksum mismatch: {_where(wrong[0])}{more} in the "
-                                    f"archive read back differ from the files as they "
-                                    f"were before packing")
+                                    f"archive read back {'differ' if more else 'differs'} "
+                                    f"from the files as they were before packing")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -117,7 +117,11 @@ class ArchivingFailed(MqiError):
 
 
 def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
+    """A size as people read it: 37.4 kB, 45.1 MB, 1.20 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{size} B"
 
 
 def _run_name() -> str:
@@ -269,6 +273,7 @@ def archive_cases(dry_run: bool = False, case_id: str | None = None) -> ArchiveR
                 pruned = _prune(cfg, candidates, archived, now)
                 log.info("deleted %d finished flow run(s) older than %d days", pruned,
                          cfg.archiver.prune_runs_after_days)
+    outcomes.sort(key=lambda o: o.case_id)
     report = ArchiveReport(dry_run=dry_run, outcomes=outcomes, pruned_runs=pruned,
                            not_due=waiting if case_id is None else 0,
                            keep_days=cfg.archiver.keep_days)
