@@ -12,8 +12,9 @@ three alike:
   PlanRange.txt names, so each is judged "waiting" and must not be inspected
   again while nothing changes;
 - moved in: the same kind of folders moved into the scan root while the sensor
-  watches, the usual delivery of a finished copy. No inotify watch covers them,
-  so the sensor compares their listings (stats, no reads) once a stability window.
+  watches, the usual delivery of a finished copy. watchdog adds no watch inside
+  them; the sensor adds its own (deployments/sensor.py watch_moved_in), and where
+  it cannot, compares their listings (stats, no reads) once a stability window.
 
 Figures are % of one core (goal: each waiting figure under 1 %). For scale, the
 cost of inspecting every waiting folder at each tick, as the sensor did before

@@ -219,9 +219,8 @@ def test_a_reader_does_not_hold_a_case_back(api, tmp_path):
 def test_a_case_missing_a_file_its_planrange_names_waits_for_it(api, tmp_path, caplog):
     """Settled but missing a .ptn that PlanRange.txt names: no run, said once (without
     the patient ids the file names carry), not inspected again while nothing changes;
-    one run once the file arrives. The folder is moved in, so no file event tells of
-    the arrival (watchdog does not watch inside a moved-in folder) and the periodic
-    rescan is far off: the sensor's own look at the listing finds it."""
+    one run once the file arrives (the folder is moved in: the sensor watches inside
+    it although watchdog does not, and the periodic rescan is far off)."""
     root = tmp_path / "scan"
     root.mkdir()
     name = "waits-for-ptn"
@@ -437,3 +436,22 @@ def test_a_restarted_sensor_reads_nothing_of_what_it_started(api, tmp_path, monk
         assert running.sensor.intake[cases[0].name].state == "STARTED"
     assert set(reads) == {changed.name}, reads
     assert [len(runs_of(c.name)) for c in cases] == [1, 1, 2]
+
+
+def test_a_started_folder_that_was_moved_in_is_watched_for_in_place_rewrites(api, tmp_path):
+    """Cases are usually delivered by a move. watchdog adds no watch inside a tree moved
+    in, and the rescans compare only directories: without the sensor's own watch, a
+    spot log rewritten in place later would never be seen. It is, at once."""
+    root = tmp_path / "scan"
+    root.mkdir()
+    cfg = sensor_config(root)
+    assert cfg.scanner.rescan_interval_seconds >= 60
+    with Running(cfg) as running:
+        time.sleep(0.5)  # watching
+        case = drop(root, tmp_path / "staging", "moved-in")
+        wait_for(lambda: runs_of("moved-in"), 10, "the run")
+        finish(runs_of("moved-in")[0].id)
+        assert "moved-in" not in running.sensor._unwatched
+        ptn = next(case.rglob("*.ptn"))
+        ptn.write_bytes(ptn.read_bytes()[::-1])  # in place: no directory changes
+        wait_for(lambda: len(runs_of("moved-in")) == 2, 10, "a run for the rewritten content")
