@@ -471,9 +471,8 @@ def test_the_schedule_comes_from_the_config_for_serve_and_prefect_deploy(api, tm
 
     # prefect deploy: prefect.yaml's schedule reads the variables mqi up / mqi deploy
     # publish, resolved as `prefect deploy` resolves them: the configuration's schedule.
-    assert publish_schedules(cfg) == ["variable/mqi_archive_cases_active",
-                                      "variable/mqi_archive_cases_cron",
-                                      "variable/mqi_archive_cases_timezone"]
+    assert {"variable/mqi_archive_cases_active", "variable/mqi_archive_cases_cron",
+            "variable/mqi_archive_cases_timezone"} <= set(publish_schedules(cfg))
     entry = next(d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
                  if d["name"] == ARCHIVER_DEPLOYMENT)
     [resolved] = asyncio.run(resolve_variables(entry["schedules"]))
