@@ -266,7 +266,7 @@ def curate(cfg: MqiConfig, host: Host, pool: GpuPool, dry_run: bool,
         return _unanswered(cfg, name, last, exc, report, logger)
     with get_client(sync_client=True) as client:
         runs = read_runs(client, _case_ids(found))
-        repairs = _repair(cfg, host, name, found, runs, client, dry_run)
+        repairs = _repair(cfg, host, name, found, runs, client, dry_run, logger)
         if any(r.done and r.kind == "stale-process" for r in repairs):
             found = survey(host, pool, cfg.paths.remote_work_root)  # the locks freed
             runs = read_runs(client, _case_ids(found))
@@ -323,7 +323,13 @@ def _unanswered(cfg: MqiConfig, name: str, last: LastLook, exc: Exception,
 
 
 def _repair(cfg: MqiConfig, host: Host, name: str, found: HostSurvey, runs: RunIndex,
-            client: SyncPrefectClient, dry_run: bool) -> list[Repair]:
+            client: SyncPrefectClient, dry_run: bool, logger: Logger) -> list[Repair]:
+    if not found.groups:
+        # Without the process table every group looks dead: each quiet running case
+        # would pass for a zombie. Judge nothing rather than crash live runs.
+        logger.warning("the process table of %s could not be read (ps): stale processes, "
+                       "zombie runs and leftover folders not judged this time", name)
+        return []
     repairs = [kill_stale(cfg, host, found, runs, p, dry_run)
                for p in stale_processes(cfg, found, runs)]
     now = utcnow()

@@ -276,8 +276,6 @@ def test_a_host_that_does_not_answer_warns_once_and_leaves_the_limit(
     (row,) = artifact_rows(curated.api, run_id)  # the GPU it reported last
     assert row["uuid"] == UUID0 and row["why"] == "the host does not answer (gpu-query-failed)"
     assert curated.curate()[0].warnings == []  # said once
-    warned = events(curated.api, "mqi.gpu.warning", "mqi.gpu-host.127.0.0.1")
-    assert any(e["payload"]["kind"] == "gpu-query-failed" for e in warned)
 
     # the host itself gone: nothing listens on its port any more
     data = yaml.safe_load(curated.config.read_text())
@@ -287,6 +285,9 @@ def test_a_host_that_does_not_answer_warns_once_and_leaves_the_limit(
     report, _ = curated.curate()
     assert not report.answered and report.warnings[0].startswith(
         "GPU host 127.0.0.1 does not answer")
+    warned = events(curated.api, "mqi.gpu.warning", "mqi.gpu-host.127.0.0.1", wanted=2)
+    assert sorted(e["payload"]["kind"] for e in warned) == ["gpu-query-failed",
+                                                           "host-unreachable"]
 
 
 @pytest.mark.integration
@@ -442,3 +443,41 @@ def test_a_disabled_curator_is_not_scheduled_and_does_not_look(curated: Curated)
     assert report.gpus == 0 and curated.limit() is None
     assert api_post(curated.api, "/artifacts/filter", {"artifacts": {
         "flow_run_id": {"any_": [run_id]}}}) == []
+
+
+def test_a_quiet_run_without_processes_is_a_zombie_and_one_that_speaks_is_not(
+        tmp_path: Path) -> None:
+    import logging
+    from datetime import UTC, datetime, timedelta
+
+    from config import DEFAULT_PATH
+    from config.loader import parse_config
+    from flows.curator import _repair
+    from flows.curator_runs import RunIndex, RunInfo, StageTask
+    from flows.drift import zombie_runs
+    from flows.gpu_survey import HostSurvey, PidFile
+
+    cfg = parse_config(yaml.safe_load(DEFAULT_PATH.read_text()), tmp_path / "mqi.yaml")
+    now = datetime.now(UTC)
+    long_ago = now - timedelta(seconds=cfg.curator.zombie_after_seconds + 60)
+    run = RunInfo(id=str(uuid.uuid4()), name="case-c1", case_id="c1", state="RUNNING",
+                  folder="0123abcd", changed=long_ago, ended=None)
+    # a beam waiting for a GPU: its pid file is the last attempt's, its group gone
+    stage = StageTask(id=str(uuid.uuid4()), flow_run_id=run.id, name="run_moqui_sim-beam1",
+                      step="run_moqui_sim", beam=1, started=long_ago)
+    pid_file = PidFile(path="/tmp/mqi/cases/c1/run-0123abcd/pids/run_moqui_sim-beam1.pid",
+                       case_id="c1", short="0123abcd", step="run_moqui_sim", beam=1,
+                       pgid=4242, mtime=0.0)
+    found = HostSurvey(gpus=[], apps=[], groups={1: 1}, pid_files=[pid_file], now=1e9)
+    runs = RunIndex(by_folder={"0123abcd": [run]}, running=[run], stages={run.id: [stage]})
+    ((zombie, stages, why),) = zombie_runs(cfg, found, runs, {}, now)
+    assert zombie is run and stages == [stage] and "4242" in why and pid_file.path in why
+    # it logs every 30 s while it waits ("waiting for a GPU"): alive
+    assert zombie_runs(cfg, found, runs, {run.id: now - timedelta(seconds=30)}, now) == []
+    # its process group lives: alive, however quiet
+    assert zombie_runs(cfg, HostSurvey(gpus=[], apps=[], groups={4242: 4242},
+                                       pid_files=[pid_file], now=1e9), runs, {}, now) == []
+    # a host whose process table could not be read: nothing is judged at all
+    no_ps = HostSurvey(gpus=[], apps=[], pid_files=[pid_file], now=1e9)
+    assert _repair(cfg, None, "h", no_ps, runs, None, False,  # type: ignore[arg-type]
+                   logging.getLogger("test")) == []
