@@ -269,6 +269,91 @@ class CuratorSettings(Section):
         "without killing, marking or removing anything.")
 
 
+NotificationEvent = Literal["case_failed", "gpu_warning", "case_incomplete", "case_refused"]
+"""What a notification target can be told of (deployments/notifications.py)."""
+DEFAULT_NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
+    "case_failed", "gpu_warning", "case_incomplete")
+EmailAddress = Annotated[str, StringConstraints(pattern=r"^[^@\s<>,]+@[^@\s<>,]+$")]
+NOTIFICATION_KEYS: dict[str, frozenset[str]] = {
+    "block": frozenset({"block"}),
+    "webhook": frozenset({"url", "url_env", "method", "headers", "headers_env", "payload"}),
+    "smtp": frozenset({"host", "port", "from", "to", "username", "password_env", "starttls",
+                       "ssl"}),
+}
+"""The keys of each kind of notification target, beside name, kind, enabled and events."""
+WEBHOOK_PLACEHOLDERS = frozenset({"subject", "body"})
+
+
+class NotificationTarget(Section):
+    """Where notifications go: an existing Prefect notification block, a webhook or SMTP.
+
+    One flat model for the three kinds, so that every problem is reported at its own
+    key path; which keys belong to which kind is checked in ``cross_section_issues``.
+    """
+
+    # "from" is a Python keyword: the field is ``sender``, the key (both ways) "from".
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              serialize_by_alias=True)
+
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")] = Field(
+        ..., description="Names the target's automations (`mqi: case failed -> <name>`) and "
+        "the block made for it (mqi-notify-<name>): lowercase letters, digits, dashes.")
+    kind: Literal["block", "webhook", "smtp"]
+    enabled: bool = Field(
+        default=True, description="false: its automations are removed (nothing is sent).")
+    events: list[NotificationEvent] = Field(
+        default=list(DEFAULT_NOTIFICATION_EVENTS), min_length=1,
+        description="What it is told of: case_failed, gpu_warning, case_incomplete, "
+        "case_refused.")
+    block: str | None = Field(
+        default=None, pattern=r"^([a-z0-9-]+/)?[A-Za-z0-9][A-Za-z0-9 ._-]*$",
+        description="kind block: an existing notification block, '<type-slug>/<name>' "
+        "(e.g. slack-webhook/physics) or its name alone when no other block has it.")
+    url: str | None = Field(
+        default=None, pattern=r"^https?://\S+$", description="kind webhook: the URL.")
+    url_env: EnvName | None = Field(
+        default=None, description="kind webhook: a variable holding the URL instead (for "
+        "URLs that carry a token).")
+    method: Literal["POST", "PUT", "PATCH"] = "POST"
+    headers: dict[str, str] = {}
+    headers_env: dict[str, EnvName] = Field(
+        default={}, description="kind webhook: headers whose values (tokens) come from "
+        "these variables.")
+    payload: dict[str, str] | None = Field(
+        default=None, description="kind webhook: the JSON object sent, its values templates "
+        "with {{subject}} and {{body}}; null: {subject: '{{subject}}', body: '{{body}}'}.")
+    host: str | None = Field(default=None, description="kind smtp: the SMTP server.")
+    port: Port = 587
+    sender: EmailAddress | None = Field(default=None, alias="from")
+    to: list[EmailAddress] = []
+    username: str | None = None
+    password_env: EnvName | None = None
+    starttls: bool = True
+    ssl: bool = Field(default=False, description="kind smtp: implicit TLS (port 465); "
+                                                 "starttls must then be false.")
+
+    @property
+    def keys_given(self) -> set[str]:
+        """The keys given a value other than their default, as written ("from", not
+        "sender"). Not merely "set": the published configuration (every key, defaults
+        included) is validated again on load."""
+        fields = type(self).model_fields
+        return {fields[f].alias or f for f in self.model_fields_set
+                if getattr(self, f) != fields[f].get_default(call_default_factory=True)}
+
+
+class NotificationsSettings(Section):
+    """Notifications through Prefect automations (deployments/notifications.py,
+    docs/notifications.md)."""
+
+    dashboard_url: str | None = Field(
+        default=None, pattern=r"^https?://\S+$",
+        description="The dashboard's address as recipients open it, for the links; null: "
+        "the embedded server's address (or prefect.api_url without /api).")
+    targets: list[NotificationTarget] = Field(
+        default=[], description="Each gets its events; none: no automations.")
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stream_command_output: bool = True
@@ -293,6 +378,7 @@ class MqiConfig(Section):
     retries: RetriesSettings = RetriesSettings()
     archiver: ArchiverSettings = ArchiverSettings()
     curator: CuratorSettings = CuratorSettings()
+    notifications: NotificationsSettings = NotificationsSettings()
     logging: LoggingSettings = LoggingSettings()
     simulated: bool = Field(
         default=False, description="True when the tools are the bundled simulators: every "
@@ -390,6 +476,50 @@ def cross_section_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
         if step not in known_steps:
             issues.append((f"retries.steps.{step}",
                            f"no such step (known: {', '.join(sorted(known_steps))})"))
+    issues += notification_issues(cfg.notifications)
+    return issues
+
+
+def notification_issues(section: NotificationsSettings) -> list[tuple[str, str]]:
+    """What each kind of notification target needs, and keys of another kind."""
+    issues: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, target in enumerate(section.targets):
+        at = f"notifications.targets[{i}]"
+        if target.name in seen:
+            issues.append((f"{at}.name", f"another target is named {target.name!r}"))
+        seen.add(target.name)
+        for event in {e for e in target.events if target.events.count(e) > 1}:
+            issues.append((f"{at}.events", f"{event} appears more than once"))
+        own = NOTIFICATION_KEYS[target.kind]
+        a = "an" if target.kind == "smtp" else "a"
+        for key in sorted(target.keys_given - own - {"name", "kind", "enabled", "events"}):
+            issues.append((f"{at}.{key}", f"not a key of {a} {target.kind} target (its keys: "
+                                          f"{', '.join(sorted(own))})"))
+        if target.kind == "block" and target.block is None:
+            issues.append((f"{at}.block", "required for a block target"))
+        elif target.kind == "webhook":
+            if (target.url is None) == (target.url_env is None):
+                issues.append((f"{at}.url", "a webhook target needs url or url_env (one)"))
+            for key, value in (target.payload or {}).items():
+                unknown = set(re.findall(r"{{\s*([^{}\s]*)\s*}}", value)) - WEBHOOK_PLACEHOLDERS
+                if unknown:
+                    issues.append((f"{at}.payload.{key}",
+                                   f"unknown placeholder(s) {', '.join(sorted(unknown))} "
+                                   f"(known: subject, body)"))
+            for name in set(target.headers) & set(target.headers_env):
+                issues.append((f"{at}.headers_env.{name}", "also in headers"))
+        elif target.kind == "smtp":
+            given: dict[str, object] = {"host": target.host, "from": target.sender,
+                                        "to": target.to}
+            for needed, got in given.items():
+                if not got:
+                    issues.append((f"{at}.{needed}", "required for an smtp target"))
+            if target.ssl and target.starttls:
+                issues.append((f"{at}.ssl", "implicit TLS and starttls exclude each other: "
+                                            "set starttls false"))
+            if target.password_env and not target.username:
+                issues.append((f"{at}.username", "required with password_env"))
     return issues
 
 
