@@ -105,6 +105,9 @@ def server_env(cfg: MqiConfig) -> dict[str, str]:
         # moment fails and Prefect's client retries it only 2 s later. Outlast the
         # clients, so they always drop idle connections first.
         "PREFECT_SERVER_API_KEEPALIVE_TIMEOUT": str(SERVER_KEEPALIVE_SECONDS),
+        # The archiver's pruning deletes old flow runs; their logs go only when the
+        # orphan clean-up runs (off by Prefect's default), else the database keeps them.
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,orphans",
     }
 
 
