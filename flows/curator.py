@@ -101,7 +101,7 @@ def load_last_look(cfg: MqiConfig) -> LastLook:
         data = json.loads(value)
         return LastLook(gpus={u: (int(i), str(n)) for u, (i, n) in data["gpus"].items()},
                         missing={u: (int(i), str(n)) for u, (i, n) in data["missing"].items()},
-                        warnings=set(data["warnings"]), looked=True)
+                        warnings=set(data["warnings"]), looked=bool(data.get("looked", True)))
     except (ValueError, KeyError, TypeError):
         return LastLook()  # unreadable (an older form): start afresh
 
@@ -111,7 +111,7 @@ def save_last_look(cfg: MqiConfig, look: LastLook) -> None:
     from prefect.variables import Variable
 
     data: dict[str, Any] = {"gpus": look.gpus, "missing": look.missing,
-                            "warnings": sorted(look.warnings)}
+                            "warnings": sorted(look.warnings), "looked": look.looked}
     text = json.dumps(data, separators=(",", ":"))
     if len(text) > MAX_VARIABLE_VALUE_LENGTH - 100:  # a very large host: names can go
         data["gpus"] = {u: (i, "") for u, (i, _) in look.gpus.items()}
@@ -301,7 +301,12 @@ def _unanswered(cfg: MqiConfig, name: str, last: LastLook, exc: Exception,
 
     kind = "gpu-query-failed" if isinstance(exc, CommandError | GpuQueryError) \
         else "host-unreachable"
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, CommandError):  # its message would repeat the whole survey script
+        said = [ln for ln in (exc.result.stdout + "\n" + exc.result.stderr).splitlines()
+                if ln.strip()]
+        first = f"exit code {exc.result.exit_code}" + (f": {said[-1].strip()}" if said else "")
+    else:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     message = (f"GPU host {name} does not answer: {first}" if kind == "host-unreachable"
                else f"the GPU query on {name} failed: {first}")
     report.answered = False
@@ -316,9 +321,9 @@ def _unanswered(cfg: MqiConfig, name: str, last: LastLook, exc: Exception,
                    temperature_c=None, why=f"the host does not answer ({kind})")
             for u, (i, n) in sorted({**last.gpus}.items(), key=lambda kv: kv[1][0])]
     _record(name, rows, report, "admission limit left as it was")
-    if last.looked:
-        save_last_look(cfg, LastLook(gpus=last.gpus, missing=last.missing,
-                                     warnings={key}, looked=True))
+    # what it reported last stays for the next look; only the warning in force changes
+    save_last_look(cfg, LastLook(gpus=last.gpus, missing=last.missing, warnings={key},
+                                 looked=last.looked))
     return report
 
 

@@ -128,8 +128,11 @@ def survey_script(pool: GpuPool, remote_root: str, *, query: bool) -> str:
     root = shlex.quote(remote_root)
     parts = []
     if query:
-        parts.append(f"q=$({pool.query_command}) || exit $?; a=$({pool.apps_command}) || "
-                     f"exit $?; printf '%s\\n{_APPS_START}\\n%s\\n{_APPS_END}\\n' \"$q\" \"$a\"")
+        # a failing query's own words (nvidia-smi prints them on stdout) go to stderr
+        fail = "{ s=$?; printf '%s\\n' \"$OUT\" >&2; exit $s; }"
+        parts.append(f"q=$({pool.query_command}) || {fail.replace('OUT', 'q')}; "
+                     f"a=$({pool.apps_command}) || {fail.replace('OUT', 'a')}; "
+                     f"printf '%s\\n{_APPS_START}\\n%s\\n{_APPS_END}\\n' \"$q\" \"$a\"")
     parts += [
         "echo \"now $(date +%s)\"",
         # lock files: index, then the file system's device number and the inode, which

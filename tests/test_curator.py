@@ -272,7 +272,8 @@ def test_a_host_that_does_not_answer_warns_once_and_leaves_the_limit(
     (curated.smi / "driver-gone").touch()
     report, run_id = curated.curate()
     assert not report.answered and curated.limit() == 1
-    assert report.warnings[0].startswith("the GPU query on 127.0.0.1 failed")
+    assert report.warnings == ["the GPU query on 127.0.0.1 failed: exit code 9: NVIDIA-SMI has "
+                               "failed because it couldn't communicate with the NVIDIA driver."]
     (row,) = artifact_rows(curated.api, run_id)  # the GPU it reported last
     assert row["uuid"] == UUID0 and row["why"] == "the host does not answer (gpu-query-failed)"
     assert curated.curate()[0].warnings == []  # said once
