@@ -12,8 +12,10 @@ of the same case. Each run has up to 10 task runs, among them one
 case STARTED, a few folders WAITING, ARRIVING, REFUSED or QUEUED).
 
 Then times ``case_statuses`` as ``mqi status`` calls it (with the ledger), with
-``--failed`` and with ``--all-gpus`` (the median of ``--repeat`` calls, after one
-warm-up call), and the former implementation, kept here as the baseline: every
+``--failed`` and with ``--all-gpus`` (the median wall time of ``--repeat`` calls,
+after one warm-up call, and the CPU time each call cost the server and this
+process: on a shared machine the wall time moves with the load, the CPU time
+much less), and the former implementation, kept here as the baseline: every
 flow run page by page, then all task runs of each case, one request per case.
 Prints the figures, their ratio, whether ``--all-gpus`` gives the former's rows,
 and whether the target (< 1 s for 1,000 cases) is met. Filling the server takes
@@ -292,15 +294,34 @@ def old_case_statuses(only_failed: bool = False, limit: int = 2000) -> list[Any]
 
 # --- measuring ------------------------------------------------------------------------
 
-def timed(call: Callable[[], list[Any]], repeat: int) -> tuple[float, list[Any]]:
-    """Median seconds of ``repeat`` calls after one warm-up call, and the last result."""
-    rows = call()  # warm-up: imports, the client's first connection
-    seconds = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        rows = call()
-        seconds.append(time.perf_counter() - began)
-    return statistics.median(seconds), rows
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process ``pid`` has used so far; 0 without /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Timing:
+    """Median wall seconds of a call, and the CPU seconds it cost the server and this
+    process: on a shared machine the wall time moves with the load, the CPU time less."""
+
+    def __init__(self, call: Callable[[], list[Any]], repeat: int, server_pid: int) -> None:
+        self.rows = call()  # warm-up: imports, the client's first connection
+        seconds = []
+        server_cpu, client_cpu = _cpu_seconds(server_pid), time.process_time()
+        for _ in range(repeat):
+            began = time.perf_counter()
+            self.rows = call()
+            seconds.append(time.perf_counter() - began)
+        self.server_cpu = (_cpu_seconds(server_pid) - server_cpu) / repeat
+        self.client_cpu = (time.process_time() - client_cpu) / repeat
+        self.wall = statistics.median(seconds)
+
+    def line(self, label: str, note: str) -> str:
+        return (f"{label:<22}{self.wall:8.3f}{self.server_cpu:12.3f}{self.client_cpu:12.3f}"
+                f"  {len(self.rows)} rows{note}")
 
 
 def _comparable(rows: list[Any]) -> list[tuple[Any, ...]]:
@@ -358,26 +379,27 @@ def main() -> None:
               f"{counts['flow_runs']} flow runs, {counts['task_runs']} task runs; "
               f"{intake} folders in the intake ledger not started", flush=True)
         with temporary_settings(updates={PREFECT_API_URL: api}):
-            new_s, new_rows = timed(lambda: case_statuses(ledger=ledger), args.repeat)
-            failed_s, failed_rows = timed(
-                lambda: case_statuses(only_failed=True, ledger=ledger), args.repeat)
-            all_s, all_rows = timed(lambda: case_statuses(completed_gpus=None), args.repeat)
-            print(f"median of {args.repeat} calls, seconds")
-            print(f"mqi status              {new_s:6.3f}  ({len(new_rows)} rows; GPUs of the "
-                  f"newest {COMPLETED_GPUS} COMPLETED cases)")
-            print(f"mqi status --failed     {failed_s:6.3f}  ({len(failed_rows)} rows)")
-            print(f"mqi status --all-gpus   {all_s:6.3f}  ({len(all_rows)} rows, no ledger)")
+            status = Timing(lambda: case_statuses(ledger=ledger), args.repeat, proc.pid)
+            failed = Timing(lambda: case_statuses(only_failed=True, ledger=ledger),
+                            args.repeat, proc.pid)
+            all_gpus = Timing(lambda: case_statuses(completed_gpus=None), args.repeat, proc.pid)
+            print(f"{'':<22}{'wall s':>8}{'server CPU':>12}{'client CPU':>12}  (median wall "
+                  f"of {args.repeat} calls; CPU s per call)")
+            print(status.line("mqi status", f"; GPUs of the newest {COMPLETED_GPUS} COMPLETED"))
+            print(failed.line("mqi status --failed", ""))
+            print(all_gpus.line("mqi status --all-gpus", "; no ledger"))
             if not args.no_baseline:
                 # about 20 s a call: fewer repetitions
-                old_s, old_rows = timed(old_case_statuses, min(args.repeat, 3))
-                print(f"former (per case)       {old_s:6.3f}  ({len(old_rows)} rows, median "
-                      f"of {min(args.repeat, 3)})")
-                print(f"ratio former / mqi status: {old_s / new_s:.1f}x, former / --all-gpus: "
-                      f"{old_s / all_s:.1f}x")
-                same = _comparable(old_rows) == _comparable(all_rows)
+                former = Timing(old_case_statuses, min(args.repeat, 3), proc.pid)
+                print(former.line("former (per case)", f"; median of {min(args.repeat, 3)}"))
+                print(f"ratio former / mqi status: {former.wall / status.wall:.1f}x wall, "
+                      f"{former.server_cpu / status.server_cpu:.1f}x server CPU; "
+                      f"former / --all-gpus: {former.wall / all_gpus.wall:.1f}x wall")
+                same = _comparable(former.rows) == _comparable(all_gpus.rows)
                 print(f"--all-gpus rows the same as the former's: {'yes' if same else 'NO'}")
         print(f"target: < {TARGET_S:g} s for {args.cases} cases -> "
-              f"{'met' if new_s < TARGET_S else 'NOT met'} ({new_s:.3f} s)")
+              f"{'met' if status.wall < TARGET_S else 'NOT met'} ({status.wall:.3f} s; "
+              f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
