@@ -3,7 +3,8 @@
 Publishes the blocks flow runs load (deployments/publish.py), creates the
 process work pool when it is missing, and registers every deployment of
 deployments/definitions.py on it — what `prefect deploy --all` does from
-prefect.yaml, without needing the repository. Workers then need only
+prefect.yaml, without needing the repository — and makes the notification
+automations (deployments/notifications.py). Workers then need only
 ``PREFECT_API_URL`` and this package: `prefect worker start --pool mqi-process`.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from config import MqiConfig
 from deployments.capacity import case_slots
 from deployments.definitions import WORK_POOL, deployments_for
+from deployments.notifications import apply_notifications
 from deployments.publish import publish
 
 
@@ -42,7 +44,8 @@ def ensure_work_pool(cfg: MqiConfig, name: str = WORK_POOL) -> list[str]:
 
 
 def deploy(cfg: MqiConfig, config_file: Path) -> list[str]:
-    """Publish, create the pool, register the deployments; return what was done, in words."""
+    """Publish, create the pool, register the deployments, create the notification
+    automations; return what was done, in words."""
     done = [f"published {', '.join(publish(cfg, config_file))}"]
     if cfg.cases.max_concurrent is None:
         _size_gpu_limit(cfg)  # the default bound follows the GPUs: know them first
@@ -54,6 +57,8 @@ def deploy(cfg: MqiConfig, config_file: Path) -> list[str]:
         done.append(f"deployed {spec.full_name} on work pool {WORK_POOL!r}" +
                     ("" if spec.active else " (its schedule inactive: turned off in the "
                                             "configuration)"))
+    # The server sends them, whoever runs the cases: a worker set-up needs them too.
+    done += apply_notifications(cfg)
     return done
 
 
