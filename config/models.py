@@ -347,7 +347,8 @@ class NotificationsSettings(Section):
     docs/notifications.md)."""
 
     dashboard_url: str | None = Field(
-        default=None, pattern=r"^https?://\S+$",
+        # no braces: it is written into the messages' (Jinja) templates as it is
+        default=None, pattern=r"^https?://[^\s{}]+$",
         description="The dashboard's address as recipients open it, for the links; null: "
         "the embedded server's address (or prefect.api_url without /api).")
     targets: list[NotificationTarget] = Field(
