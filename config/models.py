@@ -18,9 +18,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_serializer,
 )
 
 from config.schedules import check_cron, check_timezone
@@ -331,6 +333,14 @@ class NotificationTarget(Section):
     starttls: bool = True
     ssl: bool = Field(default=False, description="kind smtp: implicit TLS (port 465); "
                                                  "starttls must then be false.")
+
+    @model_serializer(mode="wrap")
+    def _own_keys_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The other kinds' keys are noise in `mqi config check` and the published
+        # configuration; left out, they read back as their defaults.
+        data: dict[str, Any] = handler(self)
+        keep = NOTIFICATION_KEYS[self.kind] | {"name", "kind", "enabled", "events"}
+        return {k: v for k, v in data.items() if k in keep}
 
     @property
     def keys_given(self) -> set[str]:
