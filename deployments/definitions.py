@@ -83,12 +83,16 @@ class DeploymentSpec:
     def _schedules(self) -> dict[str, Any]:
         if not self.schedule:
             return {}
-        from prefect.schedules import Cron, Interval
+        from prefect.schedules import Cron, Interval, RRule
 
         given = dict(self.schedule)
         extra = {k: given[k] for k in ("timezone", "active", "slug") if k in given}
-        made = Cron(given["cron"], **extra) if "cron" in given else \
-            Interval(given["interval"], **extra)
+        if "cron" in given:
+            made = Cron(given["cron"], **extra)
+        elif "rrule" in given:
+            made = RRule(given["rrule"], **extra)
+        else:
+            made = Interval(given["interval"], **extra)
         return {"schedules": [made]}
 
     def for_config(self, cfg: MqiConfig) -> DeploymentSpec:
@@ -138,7 +142,11 @@ def _curator_schedule(cfg: MqiConfig | None) -> dict[str, Any]:
     from config.models import CuratorSettings
 
     section = CuratorSettings() if cfg is None else cfg.curator
-    return {"interval": section.interval_seconds, "active": section.enabled}
+    # An rrule, not an interval: prefect.yaml reads it from a Prefect variable, and
+    # `prefect deploy` checks a schedule's fields before it fills variables in — a
+    # placeholder passes as an rrule's text, never as an interval's number.
+    every = max(1, round(section.interval_seconds))
+    return {"rrule": f"FREQ=SECONDLY;INTERVAL={every}", "active": section.enabled}
 
 
 DEPLOYMENTS: tuple[DeploymentSpec, ...] = (

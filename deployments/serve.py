@@ -18,6 +18,7 @@ from typing import Any
 from deployments.capacity import case_slots
 from deployments.definitions import DeploymentSpec, deployments_for
 from deployments.supervisor import announce_ready
+from flows.naming import DEPLOYMENT_NAME
 
 
 def owned_by_workers(client: Any, spec: DeploymentSpec) -> str | None:
@@ -54,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mqi-serve", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="configuration file (default: $MQI_CONFIG_PATH)")
     parser.add_argument("--limit", type=int, default=None,
-                        help="most flow runs at once (default: cases.max_concurrent, or the "
+                        help="most cases at once (default: cases.max_concurrent, or the "
                              "GPUs + 2)")
+    parser.add_argument("--housekeeping", action="store_true",
+                        help="serve the housekeeping deployments (curator, archiver) "
+                             "instead of the cases")
     args = parser.parse_args(argv)
     from prefect.exceptions import TerminationSignal
     from prefect.runner import Runner
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     # The flow runs started from here load the configuration `mqi up` published
     # (flows/settings.py), exactly as a worker's do: the file path stays with us.
     os.environ.pop(ENV_VAR, None)
-    if config.prefect.warm_start:
+    if config.prefect.warm_start and not args.housekeeping:
         from deployments import warm_start
 
         warm_start.enable()
@@ -74,10 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     # setting takes whole seconds only); each started case waits up to this long.
     # pause_on_shutdown=False: a restart of `mqi up` must find the deployments active.
     # The runner's limit bounds the cases in flight: the others stay Scheduled, in
-    # order, with no process and no memory (deployments/capacity.py).
-    limit, source = (args.limit, "--limit") if args.limit else case_slots(config)
-    why = f"at most {limit} case(s) at once ({source})"
-    runner = Runner(name="mqi-serve", limit=limit, pause_on_shutdown=False,
+    # order, with no process and no memory (deployments/capacity.py). Housekeeping has
+    # a runner (a process) of its own, so that a backlog of cases holding every slot
+    # never holds back the curator or the archiver.
+    if args.housekeeping:
+        limit, why = None, "housekeeping"
+    else:
+        limit, source = (args.limit, "--limit") if args.limit else case_slots(config)
+        why = f"at most {limit} case(s) at once ({source})"
+    runner = Runner(name="mqi-housekeeping" if args.housekeeping else "mqi-serve",
+                    limit=limit, pause_on_shutdown=False,
                     query_seconds=config.prefect.runner_poll_seconds)
     # add_flow (not serve(deployment)) keeps the flow object in the runner, so a run
     # is started from it directly (multiprocessing, warm when enabled) rather than
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     with get_client(sync_client=True) as client:
         # Housekeeping schedules come from the configuration (deployments/definitions.py).
         for spec in deployments_for(config):
+            if (spec.name != DEPLOYMENT_NAME) != args.housekeeping:
+                continue  # the other serve process's
             pool = owned_by_workers(client, spec)
             if pool is not None:
                 print(f"{spec.full_name} is deployed on work pool {pool!r}: its runs go to "

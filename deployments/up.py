@@ -76,6 +76,10 @@ def children(cfg: MqiConfig, config_file: Path) -> list[Child]:
     if "serve" in wanted:
         out.append(Child("serve", [py, "-m", "deployments.serve"], common, logs / "serve.log",
                          ready_file=run / "serve.ready"))
+        # The curator and the archiver in a runner of their own: never behind the cases.
+        out.append(Child("housekeeping", [py, "-m", "deployments.serve", "--housekeeping"],
+                         common, logs / "housekeeping.log",
+                         ready_file=run / "housekeeping.ready"))
     if "sensor" in wanted:
         out.append(Child("sensor", [py, "-m", "deployments.sensor"], common,
                          logs / "sensor.log", ready_file=run / "sensor.ready"))

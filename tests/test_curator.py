@@ -439,7 +439,7 @@ def test_a_disabled_curator_is_not_scheduled_and_does_not_look(curated: Curated)
     get_config.cache_clear()
     cfg = load_config(curated.config)
     (spec,) = [d.for_config(cfg) for d in DEPLOYMENTS if d.entrypoint.endswith(":curate_gpus")]
-    assert spec.schedule["interval"] == 90 and spec.active is False
+    assert spec.schedule["rrule"] == "FREQ=SECONDLY;INTERVAL=90" and spec.active is False
     report, run_id = curated.curate()  # a run asked for by hand: says so, reads nothing
     assert report.gpus == 0 and curated.limit() is None
     assert api_post(curated.api, "/artifacts/filter", {"artifacts": {
