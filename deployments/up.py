@@ -20,6 +20,7 @@ from uuid import UUID
 from blocks import procfs
 from config import MqiConfig, MqiError
 from deployments import server
+from deployments.notifications import apply_notifications
 from deployments.publish import publish
 from deployments.supervisor import Child, ChildFailed, Supervisor
 
@@ -257,6 +258,8 @@ def bring_up(cfg: MqiConfig, config_file: Path) -> Supervisor:
             # Flow runs load these, not the YAML: without them no case can run. A
             # machine that runs only the sensor publishes nothing (`mqi deploy` does).
             log.info("published %s", ", ".join(publish(cfg, config_file)))
+            for line in apply_notifications(cfg):
+                print(line, flush=True)
             problem = prepare_gpu_limit(cfg)
             if problem:
                 print(f"warning: {problem}", file=sys.stderr)
