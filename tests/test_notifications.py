@@ -372,3 +372,33 @@ def test_failed_case_gpu_warning_and_incomplete_case_reach_every_target(
         apply_notifications(parse_config(data, config))  # the session's server goes on
     automations = httpx.post(f"{prefect_api}/automations/filter", json={}).json()
     assert not [a["name"] for a in automations if a["name"].startswith("mqi: ")]
+
+
+@pytest.mark.integration
+def test_mqi_up_makes_the_automations_and_says_so(sshd, tmp_path: Path):
+    """`mqi up` where it publishes (`mqi deploy` calls the same apply_notifications after
+    its deployments; the test above covers what it does)."""
+    from tests.support.pipeline import stop, wait_for, write_installation
+
+    inst = write_installation(tmp_path / "mqi", sshd)
+    data = yaml.safe_load(inst.config.read_text())
+    data["notifications"] = {"targets": [
+        {"name": "ops", "kind": "webhook", "url": "http://127.0.0.1:9/hook",
+         "events": ["case_failed", "case_refused"]}]}
+    data["processes"] = {"start": ["server", "serve"]}  # publishing needs serve, not more
+    inst.config.write_text(yaml.safe_dump(data, sort_keys=False))
+    up = inst.start_up()
+    try:
+        log = inst.root / "up.log"  # what `mqi up` printed, once it said it is up
+        said = wait_for(lambda: log.exists() and "Dashboard:" in log.read_text()
+                        and log.read_text(), 30, "mqi up's output")
+        assert "notification automation 'mqi: case failed -> ops': created\n" in said
+        assert "notification automation 'mqi: case refused -> ops': created\n" in said
+        found = httpx.post(f"{inst.api_url}/automations/filter", json={}, timeout=10).json()
+        assert sorted(a["name"] for a in found) == ["mqi: case failed -> ops",
+                                                     "mqi: case refused -> ops"]
+        hook = httpx.post(f"{inst.api_url}/block_documents/filter", json={}).json()
+        assert [b["block_type"]["slug"] for b in hook if b["name"] == "mqi-notify-ops"] == \
+            ["custom-webhook"]
+    finally:
+        stop(up, grace=60)
