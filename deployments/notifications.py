@@ -229,6 +229,7 @@ def _saved_block(index: int, target: NotificationTarget) -> UUID:
 
     name = block_name(target.name)
     if target.kind == "smtp":
+        MqiEmail.register_type_and_schema()
         password = _env(index, "password_env", target.password_env) \
             if target.password_env else None
         email = MqiEmail(
@@ -266,9 +267,6 @@ def target_blocks(client: SyncPrefectClient, cfg: MqiConfig) -> dict[str, UUID]:
     Raises:
         NotificationSetupError: A block is missing or cannot notify; a variable is unset.
     """
-    from blocks.notify import MqiEmail
-
-    MqiEmail.register_type_and_schema()
     out: dict[str, UUID] = {}
     for index, target in enumerate(cfg.notifications.targets):
         if not target.enabled:
@@ -300,7 +298,7 @@ def apply_notifications(cfg: MqiConfig) -> list[str]:
     with get_client(sync_client=True) as client:
         wanted = automations(cfg, target_blocks(client, cfg))
         ours: dict[str, list[Automation]] = {}
-        for found in client.read_automations():
+        for found in _all_automations(client):
             if is_ours(found.name):
                 ours.setdefault(found.name, []).append(found)
         for automation in wanted:
@@ -323,6 +321,16 @@ def apply_notifications(cfg: MqiConfig) -> list[str]:
         _remove_stale_blocks(client, {block_name(t.name) for t in cfg.notifications.targets
                                       if t.enabled and t.kind != "block"})
     return lines
+
+
+def _all_automations(client: SyncPrefectClient, page: int = 200) -> list[Automation]:
+    """Every automation on the server (the API answers a page at a time)."""
+    found: list[Automation] = []
+    while True:
+        batch = client.read_automations(limit=page, offset=len(found))
+        found += batch
+        if len(batch) < page:
+            return found
 
 
 def _remove_stale_blocks(client: SyncPrefectClient, keep: set[str]) -> None:
