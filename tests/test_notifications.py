@@ -370,6 +370,11 @@ def test_failed_case_gpu_warning_and_incomplete_case_reach_every_target(
     finally:
         data["notifications"] = {}
         apply_notifications(parse_config(data, config))  # the session's server goes on
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.delete_block_document(client.read_block_document_by_name(
+                "test-ward-hook", "custom-webhook").id)
     automations = httpx.post(f"{prefect_api}/automations/filter", json={}).json()
     assert not [a["name"] for a in automations if a["name"].startswith("mqi: ")]
 
