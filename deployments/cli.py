@@ -4,7 +4,8 @@
     mqi up [--config PATH]         start the system on this machine and print the UI address
     mqi demo [--once]              the system on the demo profile, with one synthetic case
     mqi run CASE_DIR [--workflow W]   process one case in the foreground
-    mqi status [--failed] [--json]    one line per case, from the Prefect API
+    mqi status [--failed] [--json] [--all-gpus]   one line per case (runs and the sensor's
+                                   intake states), from the Prefect API and the ledger
     mqi rerun CASE_ID | --all-failed  retry failed runs on serve/workers; finished stages reused
     mqi deploy [--config PATH]     publish the blocks, create the work pool, deploy for workers
     mqi doctor [--config PATH]     check that everything a case needs is there and answers

@@ -158,7 +158,8 @@ def chosen_for_rerun(case_id: str | None, *, force: bool) -> list[CaseStatus]:
     """
     from deployments.status import case_statuses
 
-    rows = case_statuses()
+    # Every failed case needs only failed runs read (and those cases' newer runs).
+    rows = case_statuses(only_failed=case_id is None)
     if case_id is None:
         chosen = [r for r in rows if r.status in RERUNNABLE]
         if not chosen:
