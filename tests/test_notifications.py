@@ -32,7 +32,7 @@ import yaml
 
 from config import DEMO_PATH, ConfigError
 from config.loader import parse_config
-from flows.case_inspection import read_plan_info
+from tests.support.patients import patient_ids
 from tests.support.pipeline import REPO
 from tests.support.sshd import free_port
 
@@ -210,19 +210,6 @@ def wait_for_all(smtp: SmtpSink, http: HttpSink, needle: str, timeout: float = 3
             raise AssertionError(f"not every receiver got a message about {needle!r} in "
                                  f"{timeout:g} s: {received(smtp, http)}")
         time.sleep(0.2)
-
-
-def patient_ids(case: Path) -> set[str]:
-    import pydicom
-
-    ids: set[str] = set()
-    for info_file in case.glob("*/PlanInfo.txt"):
-        info = read_plan_info(info_file)
-        ids |= {info["DICOM_PATIENT_ID"], info["TCSC_PATIENT_ID"]}
-    plan = pydicom.dcmread(next(case.glob("RP*.dcm")))
-    ids |= {str(plan.PatientID), str(plan.PatientName)}
-    assert any(i in p.name for p in case.rglob("*.ptn") for i in ids)  # the names carry them
-    return ids
 
 
 # ------------------------------------------------------------------ the real thing

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,27 +20,11 @@ import yaml
 
 from demo.synthetic_case import write_case
 from deployments.intake_ledger import IntakeLedger, ledger_path
-from flows.case_inspection import read_plan_info
+from tests.support.patients import patient_ids
 from tests.support.pipeline import Installation, stop, wait_for, write_installation
 from tests.test_up import state_of
 
 pytestmark = pytest.mark.integration
-
-
-def identifiers(case: Path) -> set[str]:
-    """The case's patient ids as its own files hold them (and as its file names do)."""
-    import pydicom
-
-    ids: set[str] = set()
-    for info_file in case.glob("*/PlanInfo.txt"):
-        info = read_plan_info(info_file)
-        ids |= {info["DICOM_PATIENT_ID"], info["TCSC_PATIENT_ID"]}
-    plan = pydicom.dcmread(next(case.glob("RP*.dcm")))
-    ids |= {str(plan.PatientID), str(plan.PatientName)}
-    names = {p.name.split("_")[1] for p in case.rglob("*.ptn")} | \
-        {p.name.split("_")[1] for p in case.rglob("*.mgn")}
-    assert names <= ids  # the file names do carry the ids: the test can fail
-    return ids
 
 
 def everything(api: str, path: str, key: str | None = None) -> list[object]:
@@ -88,7 +71,7 @@ def test_no_patient_id_in_any_output_channel(inst: Installation, tmp_path):
              for seed, (name, broken) in enumerate([
                  ("priv-ok", None), ("priv-refused", "empty_ptn"),
                  ("priv-waiting", "empty_ptn"), ("priv-fails", None)])}
-    ids = set().union(*(identifiers(c) for c in cases.values()))
+    ids = set().union(*(patient_ids(c) for c in cases.values()))
     up = inst.start_up()
     try:
         # a stage whose output names a spot log fails, under `mqi run`
