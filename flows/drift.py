@@ -75,8 +75,12 @@ def _work_dir(cfg: MqiConfig, case_id: str, short: str) -> RemoteLayout | None:
 def stale_processes(cfg: MqiConfig, survey: HostSurvey, runs: RunIndex) -> list[PidFile]:
     """Live process groups our runs' stages started, in folders no active run uses."""
     found = []
+    # A pid file outlives its group, and the number may since belong to a stage of a
+    # run that is active now: such a group is never stale, whatever old file names it.
+    in_use = {p.pgid for p in survey.pid_files
+              if any(r.active for r in runs.users(p.case_id, p.short))}
     for pid_file in survey.pid_files:
-        if not survey.group_alive(pid_file.pgid):
+        if pid_file.pgid in in_use or not survey.group_alive(pid_file.pgid):
             continue
         users = runs.users(pid_file.case_id, pid_file.short)
         # no known run: another installation's, or a deleted run — not ours to judge
@@ -90,8 +94,10 @@ def kill_stale(cfg: MqiConfig, host: Host, survey: HostSurvey, runs: RunIndex,
     """Kill one stale process group, after checking it is still the one our stage started.
 
     A pid file outlives its group: after the group died its number may have been
-    given to someone else's processes. The group is killed only while one of its
-    members' command lines names the run's folder or our lock folder.
+    given to someone else's processes — or to another run's simulation. The group
+    is killed only while one of its members' command lines names THIS run's folder
+    (every stage our wrapper starts names it; the lock folder would not do: every
+    simulation of every run names that).
     """
     assert pid_file.pgid is not None
     layout = _work_dir(cfg, pid_file.case_id, pid_file.short)
@@ -103,14 +109,12 @@ def kill_stale(cfg: MqiConfig, host: Host, survey: HostSurvey, runs: RunIndex,
             f"run-{pid_file.short})" + (f" holding GPU {', '.join(map(str, gpus))}"
                                         if gpus else ""))
     why = f"its run {newest.name} ({newest.id}) is {newest.state}"
-    marks = [m for m in ((layout.work_dir + "/") if layout else None,
-                         cfg.gpu.lock_dir.rstrip("/") + "/gpu-") if m]
-    if layout is None or not any(m in a for a in survey.group_args(pid_file.pgid)
-                                 for m in marks):
+    mark = layout.work_dir + "/" if layout else None
+    if mark is None or not any(mark in a for a in survey.group_args(pid_file.pgid)):
         return Repair("stale-process", pid_file.case_id, str(pid_file.pgid),
                       f"{what} is alive although {why}, but none of its command lines names "
-                      f"the run's folder or {cfg.gpu.lock_dir}: not killed (its number may "
-                      f"belong to someone else now)", False, newest.id)
+                      f"the run's folder: not killed (its number may belong to someone "
+                      f"else now)", False, newest.id)
     if dry_run:
         return Repair("stale-process", pid_file.case_id, str(pid_file.pgid),
                       f"would kill {what}: {why}", False, newest.id)

@@ -167,10 +167,11 @@ def folder(root: Path, case_id: str, run_id: str) -> Path:
 
 def hold_gpu(lock_dir: Path, index: int, pid_file: Path) -> subprocess.Popen[bytes]:
     """A process group holding GPU ``index``'s lock as a simulation does (flock, the group
-    leader, then its child), its group id in ``pid_file``."""
+    leader, then its child), its group id in ``pid_file``; like a real simulation's, its
+    command line names the run's folder (here: the pid file's path in it)."""
     lock_dir.mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        ["sh", "-c", 'echo $$ > "$1"; exec flock -n -E 75 "$2" sh -c "sleep 120"', "sh",
+        ["sh", "-c", 'echo $$ > "$1"; exec flock -n -E 75 "$2" sh -c "sleep 120" "$1"', "sh",
          str(pid_file), str(lock_dir / f"gpu-{index}.lock")], start_new_session=True)
     deadline = time.monotonic() + 10
     while not (pid_file.exists() and pid_file.read_text().strip()) \
