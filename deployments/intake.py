@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from watchdog.events import (
     EVENT_TYPE_CLOSED,
@@ -35,7 +33,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from flows.case_inspection import Signature, describe_file
+from flows.case_inspection import Signature
 
 log = logging.getLogger("mqi.sensor")
 
@@ -98,18 +96,6 @@ class Candidate:
         return self.verdict is not None and not self.recheck \
             and self.last_event == self.verdict.last_event \
             and now - self.verdict.listed_at < relist_every
-
-
-def os_problem(case_dir: Path, exc: OSError) -> str:
-    """An OS error about a case's file, without the patient id a file name may carry."""
-    what = exc.strerror or type(exc).__name__
-    if exc.filename is None:
-        return what
-    path = Path(os.fsdecode(exc.filename))
-    for root in (case_dir, case_dir.resolve()):
-        with suppress(ValueError):
-            return f"{describe_file(path.relative_to(root))}: {what}"
-    return what
 
 
 def emit(event: str, case_id: str, **payload: object) -> None:

@@ -22,7 +22,11 @@ from dataclasses import astuple, dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
 
-from config import MqiConfig
+from config import MqiConfig, MqiError
+
+
+class LedgerError(MqiError):
+    """The ledger cannot be opened or read; the message names the file."""
 
 
 class IntakeState(StrEnum):
@@ -89,16 +93,19 @@ class IntakeLedger:
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
-        if readonly:
-            self._db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5.0)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Made where the sensor is built, used in its loop's thread: one at a time.
-            self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+        try:
+            if readonly:
+                self._db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5.0)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # Made where the sensor is built, used in its loop's thread: one at a time.
+                self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None,
+                                           check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerError(f"cannot open the sensor's intake ledger {path}: {exc}") from None
 
     @classmethod
     def read(cls, path: Path) -> dict[str, IntakeEntry]:
@@ -108,8 +115,11 @@ class IntakeLedger:
         ledger = cls(path, readonly=True)
         try:
             return ledger.entries()
-        except sqlite3.OperationalError:  # created but no table yet
-            return {}
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # created, no table yet
+                return {}
+            raise LedgerError(f"cannot read the sensor's intake ledger {path}: {exc}") \
+                from None
         finally:
             ledger.close()
 

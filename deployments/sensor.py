@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -40,7 +41,7 @@ if sys.platform.startswith("linux"):
     from watchdog.observers.inotify import InotifyObserver
 
 from config import MqiConfig
-from deployments.intake import WRITE_EVENTS, Candidate, Verdict, WriteEvents, emit, os_problem
+from deployments.intake import WRITE_EVENTS, Candidate, Verdict, WriteEvents, emit
 from deployments.intake_ledger import IntakeEntry, IntakeLedger, IntakeState, ledger_path
 from deployments.run_starter import ActiveRun, PrefectStarter
 from flows.case_inspection import (
@@ -51,6 +52,8 @@ from flows.case_inspection import (
     content_signature,
     folder_shape,
     inspect_case,
+    os_problem,
+    pseudonym,
 )
 from flows.commands import CaseIdError, validate_case_id
 
@@ -150,10 +153,14 @@ class CaseSensor:
         for gone in set(self.intake) - set(names):  # removed while nobody looked
             with self._lock:
                 if gone not in self.candidates:
-                    self._forget(gone)
+                    try:
+                        self._forget(gone)
+                    except sqlite3.Error as exc:  # a full disk: say so, keep watching
+                        log.error("the intake ledger %s: %s", self.ledger.path, exc)
         if not self._caught_up:
-            # What was written in place while no sensor ran changes no directory: each
-            # folder started before is compared file by file once, in the background.
+            # What was written in place while nobody watched (no sensor, or a dead
+            # observer) changes no directory: each folder started before is compared
+            # file by file once, in the background.
             self._unverified = [n for n, e in self.intake.items()
                                 if e.state is IntakeState.STARTED]
             self._caught_up = True
@@ -280,7 +287,8 @@ class CaseSensor:
             return True  # a name never becomes valid: renaming it makes another folder
         entry = self.intake.get(name)
         started = entry if entry is not None and entry.state is IntakeState.STARTED else None
-        if started is not None and cand.quick and started.shape is not None:
+        if started is not None and cand.quick and started.shape is not None \
+                and name not in self._unwatched:  # no event tells of writes in it
             with suppress(OSError):
                 if folder_shape(case_dir) == started.shape:
                     return True  # no file came, went or was renamed: not read again
@@ -345,7 +353,7 @@ class CaseSensor:
             digest = content_digest(case_dir, ignore)
         except CaseRejected as exc:  # incomplete (may still arrive) or refused for good
             return ("waiting" if exc.waiting else "refused"), \
-                case_redactor(case_dir).redact(exc.reason)
+                case_redactor(case_dir, pseudonym(self.cfg)).redact(exc.reason)
         except OSError as exc:
             return "waiting", f"cannot be read: {os_problem(case_dir, exc)}"
         return "start", f"{case_id}:{digest[:32]}"
@@ -424,6 +432,7 @@ class CaseSensor:
                 self._say_root_problem(f"cannot watch {self.root}: {exc}")
                 return
             self._observer = observer
+            self._caught_up = False  # writes while no observer ran: verify the started
             with self._lock:
                 self._unwatched.clear()  # a new observer watches every folder there is
             self._root_problem = None
@@ -474,23 +483,25 @@ class CaseSensor:
         sleeps until a file event, or ``IDLE_TICK`` (stop is noticed within that).
         """
         announced = False
-        while not stop.is_set():
-            busy = True
-            if self._observer is None or not self._observer.is_alive():
-                self._observer = None
-                self.start()
-            if self._observer is not None:
-                self._warm_up()
-                self._wake.clear()  # an event from here on wakes the wait below
-                busy = self.step()
-            if not announced:
-                ready()
-                announced = True
-            if busy:
-                stop.wait(tick)
-            else:
-                self._wake.wait(max(tick, IDLE_TICK))
-        self.stop()
+        try:
+            while not stop.is_set():
+                busy = True
+                if self._observer is None or not self._observer.is_alive():
+                    self._observer = None
+                    self.start()
+                if self._observer is not None:
+                    self._warm_up()
+                    self._wake.clear()  # an event from here on wakes the wait below
+                    busy = self.step()
+                if not announced:
+                    ready()
+                    announced = True
+                if busy:
+                    stop.wait(tick)
+                else:
+                    self._wake.wait(max(tick, IDLE_TICK))
+        finally:  # the observer's threads and the ledger, however the loop ended
+            self.stop()
 
 
 def watch_moved_in(observer: BaseObserver | None, path: str) -> bool:

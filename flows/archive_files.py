@@ -368,31 +368,42 @@ def check_unchanged(sets: list[FileSet], case_id: str) -> None:
 
 
 def delete_originals(sets: list[FileSet], case_id: str) -> list[str]:
-    """Delete what was archived (after ``check_unchanged``): each file of the manifest,
-    then the folders left empty. A file that was not in the manifest stays, with its
+    """Delete what was archived (after ``check_unchanged``): each file of the manifest
+    that is still exactly as it was packed (looked at again right before its unlink:
+    time passed since the check), then the folders left empty, bottom up — empty
+    sub-folders too. A file that changed or was not in the manifest stays, with its
     folders.
 
     Returns:
         The folders removed whole.
 
     Raises:
-        ArchiveError: A deletion failed (what was deleted is in the archive).
+        ArchiveError: A deletion failed, or a file changed after packing and was kept
+            (what was deleted is in the archive).
     """
-    removed = []
+    removed, kept = [], []
     for files in sets:
         try:
-            for rel in files.entries:
-                (files.root / rel).unlink()
-            for folder in sorted({p for rel in files.entries for p in Path(rel).parents},
-                                 key=lambda p: len(p.parts), reverse=True):
+            for rel, entry in files.entries.items():
+                path = files.root / rel
+                st = os.lstat(path)
+                if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                    kept.append(f"{files.root.name}/{_where(rel)}")
+                    continue
+                path.unlink()
+            for dirpath, _, _ in sorted(os.walk(files.root), key=lambda w: -len(w[0])):
                 with suppress(OSError):  # not empty: something arrived meanwhile; it stays
-                    (files.root / folder).rmdir()
+                    os.rmdir(dirpath)
         except OSError as exc:
             raise ArchiveError(case_id, f"deleting {files.root} after archiving: "
                                         f"{_os_problem(exc)} (the archive holds every "
                                         f"file)", nothing_deleted=False) from None
         if not files.root.exists():
             removed.append(str(files.root))
+    if kept:
+        raise ArchiveError(case_id, f"{len(kept)} file(s) changed after packing and were "
+                                    f"kept ({', '.join(kept[:3])}); the rest is deleted and "
+                                    f"in the archive", nothing_deleted=False)
     return removed
 
 

@@ -120,6 +120,9 @@ def judge(cfg: MqiConfig, case_id: str, runs: list[FlowRun], now: datetime) -> C
     if active:
         return seen.model_copy(update={"reason": f"it has an active run ({', '.join(active)})"})
     if seen.input_dir is None and seen.results_dir is None:
+        if folder.is_dir():  # its input stays (archiver.include_inputs is off): not gone
+            return seen.model_copy(update={"reason": "nothing of it is left to archive; "
+                                                     "its folder stays in the scan root"})
         return seen.model_copy(update={"verdict": Verdict.GONE,
                                        "reason": "nothing of it is left to archive"})
     if seen.state in FAILED and not cfg.archiver.include_failed:

@@ -38,7 +38,7 @@ from flows.archive_files import (
     scan,
 )
 from flows.archive_selection import Candidate, Verdict, active_states, select_cases
-from flows.case_inspection import case_redactor
+from flows.case_inspection import case_redactor, pseudonym
 from flows.commands import validate_case_id
 from flows.naming import ARCHIVER_FLOW
 from flows.settings import flow_config
@@ -166,7 +166,7 @@ def archive_case(case: Candidate, now: datetime) -> Outcome:
     case_id = case.case_id
     if case.input_dir:
         # Every message from here on hides the case's patient ids, whatever builds it.
-        install(case_redactor(case.input_dir))
+        install(case_redactor(case.input_dir, pseudonym(cfg)))
     # The manifests are read whole before anything is packed: what the archive is
     # checked against is what was there, not what packing happened to read.
     inputs = collect(Path(case.input_dir), INPUT, case_id) if case.input_dir else None

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from pydicom.errors import InvalidDicomError
 
 from blocks.manifest import sha256_file
-from config import MqiError
+from config import MqiConfig, MqiError
 from config.redaction import Redactor, redact
 from flows.commands import CaseIdError, validate_case_id
 
@@ -234,6 +234,18 @@ def describe_file(rel: Path) -> str:
     return what if rel.parent == Path() else f"{rel.parent.as_posix()}: {what}"
 
 
+def os_problem(case_dir: Path, exc: OSError) -> str:
+    """An OS error about a case's file, without the patient id a file name may carry."""
+    what = exc.strerror or type(exc).__name__
+    if exc.filename is None:
+        return what
+    path = Path(os.fsdecode(exc.filename))
+    for root in (case_dir, case_dir.resolve()):
+        with suppress(ValueError):
+            return f"{describe_file(path.relative_to(root))}: {what}"
+    return what
+
+
 def _walk(case_dir: Path, ignore: set[str]) -> list[Path]:
     """Every regular file of the case; a link or an escape is a refusal."""
     files = []
@@ -431,9 +443,12 @@ def inspect_case(case_dir: str | os.PathLike[str], *, id_pattern: str,
         more = f" (and {len(waiting) - 1} more missing or empty)" if len(waiting) > 1 else ""
         raise CaseIncomplete(case, waiting[0] + more)
 
-    manifest = {f.relative_to(case).as_posix(): ManifestEntry(size=f.stat().st_size,
-                                                               sha256=sha256_file(f))
-                for f in files}
+    try:
+        manifest = {f.relative_to(case).as_posix(): ManifestEntry(size=f.stat().st_size,
+                                                                   sha256=sha256_file(f))
+                    for f in files}
+    except OSError as exc:  # never the file's own name: it can carry a patient id
+        raise CaseIncomplete(case, f"cannot be read: {os_problem(case, exc)}") from None
     return CaseInfo(
         case_id=case_id, case_dir=str(case), plan_file=plans[0].name,
         plan_label=str(plan.get("RTPlanLabel", "")), patient_hash=patient_hash(patient_id),
@@ -477,9 +492,17 @@ def case_redactor(case_dir: str | os.PathLike[str], pseudonym: str | None = None
                         # The whole name, as stored and as written: its parts alone
                         # are common words ("SIMULATED", a first name) in messages.
                         ids += [dicom_id, person, " ".join(person.replace("^", " ").split())]
-                        ids += [str(v) for v in (plan.get("OtherPatientIDs") or [])
-                                if isinstance(plan.get("OtherPatientIDs"), list)]
+                        others = plan.get("OtherPatientIDs") or []
+                        # one value is a str; several, a pydicom MultiValue (no list)
+                        ids += [others] if isinstance(others, str) else \
+                            [str(v) for v in others]
     if pseudonym is None:
         first = dicom_id or next((i for i in ids if len(i) >= 3), "")
         pseudonym = patient_hash(first) if first else "[patient]"
     return Redactor(ids, pseudonym)
+
+
+def pseudonym(cfg: MqiConfig) -> str | None:
+    """What replaces a patient id in messages: None (the case's own hash, the default
+    ``cases.patient_id_in_logs: hash``), or ``[patient]`` for ``never``."""
+    return None if cfg.cases.patient_id_in_logs == "hash" else "[patient]"

@@ -11,22 +11,24 @@ nothing else. The stage tasks are in flows/stages.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
 from blocks.errors import HostAuthenticationError, HostKeyError
 from blocks.factory import MissingSecretError
-from config import ConfigError, MqiConfig
+from config import ConfigError, MqiConfig, MqiError
 from config.models import BEAM_STEPS, GPU_STEP
 from config.redaction import install
 from config.templates import TemplateError
-from flows.case_inspection import CaseInfo, CaseRejected, case_redactor
+from flows.case_inspection import CaseInfo, CaseRejected, case_redactor, pseudonym
 from flows.commands import CaseIdError, render_step_command, validate_case_id
 from flows.layout import RemoteLayout, remote_layout, results_dir
 from flows.naming import (
@@ -63,6 +65,9 @@ def _options(cfg: MqiConfig, step: str) -> dict[str, Any]:
             # One result store for every process that may run or rerun this case.
             "result_storage": result_storage(cfg)}
 
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 WILL_NOT_HEAL: tuple[type[Exception], ...] = (
     HostAuthenticationError, HostKeyError, MissingSecretError, ConfigError, TemplateError,
@@ -125,9 +130,29 @@ def _run_name() -> str:
         return INVALID_RUN_NAME  # never put an unchecked folder name anywhere
 
 
+def _through_redaction(fn: Callable[P, R]) -> Callable[P, R]:
+    """Make every failure of the flow an ``MqiError``, whose message is redacted as it
+    is made: Prefect stores a failed flow's message (and notifications quote it) from
+    the exception's text, and an ``OSError`` names its file — whose name can carry a
+    patient id. The original stays as the cause, for the run log (redacted there by
+    the logging filter)."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except MqiError:
+            raise
+        except Exception as exc:
+            raise MqiError(f"{type(exc).__name__}: {exc}") from exc
+
+    return run
+
+
 # -------------------------------------------------------------------------- flow
 @flow(name=FLOW_NAME, flow_run_name=_run_name, on_cancellation=[kill_remote_processes],
       on_crashed=[kill_remote_processes])
+@_through_redaction
 def process_case(case_dir: str, workflow: str = "default_qa",
                  resume: str | None = None) -> CaseOutcome:
     """Process one case folder end to end. Fails with the stage, beam and reason.
@@ -143,8 +168,7 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     cfg = flow_config()
     # Before anything about the case is said: its patient ids are replaced in every
     # message, log line and state this process makes (config/redaction.py).
-    install(case_redactor(case_dir, None if cfg.cases.patient_id_in_logs == "hash"
-                          else "[patient]"))
+    install(case_redactor(case_dir, pseudonym(cfg)))
     logger = get_run_logger()
     if workflow not in cfg.workflows:
         raise ValueError(f"no workflow {workflow!r} (configured: {', '.join(cfg.workflows)})")
