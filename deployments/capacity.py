@@ -1,8 +1,9 @@
 """How many cases may be in flight at once: ``cases.max_concurrent``, or the GPUs + 2.
 
 Both ways of running bound it with Prefect's own mechanism: serve with the
-runner's limit (deployments/serve.py), workers with the work pool's concurrency
-limit (deployments/deploy.py). A case beyond it stays Scheduled — QUEUED in
+runner's limit (deployments/serve.py), workers with the concurrency limit of the
+work pool's cases queue, `default` (deployments/deploy.py; housekeeping has a queue
+of its own). A case beyond it stays Scheduled — QUEUED in
 `mqi status`, Scheduled/Late in the UI — and costs no process and no memory
 until a slot frees; the runner takes the waiting runs in order of their
 scheduled time, so the oldest case goes first.

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 WORK_POOL = "mqi-process"
 """The process work pool `prefect deploy` targets (prefect.yaml)."""
+CASES_QUEUE = "default"
+"""The pool's queue of the cases: its concurrency limit bounds the cases in flight."""
+HOUSEKEEPING_QUEUE = "housekeeping"
+"""The pool's queue of the curator and the archiver: no limit, never behind the cases."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,11 @@ class DeploymentSpec:
         if self.configured_by is None:
             return self
         return replace(self, schedule=self.configured_by(cfg))
+
+    @property
+    def work_queue(self) -> str:
+        """Its queue on the work pool: the cases' bounded one, or housekeeping's."""
+        return CASES_QUEUE if self.name == DEPLOYMENT_NAME else HOUSEKEEPING_QUEUE
 
     @property
     def active(self) -> bool:

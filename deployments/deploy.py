@@ -14,33 +14,40 @@ from pathlib import Path
 
 from config import MqiConfig
 from deployments.capacity import case_slots
-from deployments.definitions import WORK_POOL, deployments_for
+from deployments.definitions import CASES_QUEUE, WORK_POOL, deployments_for
 from deployments.notifications import apply_notifications
 from deployments.publish import publish
 
 
 def ensure_work_pool(cfg: MqiConfig, name: str = WORK_POOL) -> list[str]:
     """Create the process work pool (Prefect's default job template) if it is missing,
-    and bound it to the cases allowed in flight at once; what was done, in words."""
+    and bound its cases' queue to the cases allowed in flight at once; what was done,
+    in words. The bound is on the queue, not the pool: housekeeping has a queue of its
+    own on the pool (HOUSEKEEPING_QUEUE), which a backlog of cases never holds back."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
     limit, source = case_slots(cfg)
     bound = f"at most {limit} case(s) at once ({source})"
+    done = []
     with get_client(sync_client=True) as client:
         try:
-            pool = client.read_work_pool(name)
+            client.read_work_pool(name)
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(
-                name=name, type="process", concurrency_limit=limit,
+                name=name, type="process",
                 base_job_template=ProcessWorker.get_default_base_job_template()))
-            return [f"created work pool {name!r} (type process; {bound})"]
-        if pool.concurrency_limit != limit:
-            client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
-            return [f"work pool {name!r}: {bound}"]
-    return []
+            done.append(f"created work pool {name!r} (type process)")
+        try:
+            queue = client.read_work_queue_by_name(CASES_QUEUE, work_pool_name=name)
+        except ObjectNotFound:
+            queue = client.create_work_queue(CASES_QUEUE, work_pool_name=name)
+        if queue.concurrency_limit != limit:
+            client.update_work_queue(queue.id, concurrency_limit=limit)
+            done.append(f"work queue {CASES_QUEUE!r} of pool {name!r}: {bound}")
+    return done
 
 
 def deploy(cfg: MqiConfig, config_file: Path) -> list[str]:
@@ -53,8 +60,10 @@ def deploy(cfg: MqiConfig, config_file: Path) -> list[str]:
     # As `prefect deploy --all` does from prefect.yaml: every deployment, a housekeeping
     # one turned off in the configuration with its schedule inactive.
     for spec in deployments_for(cfg):
-        spec.load().to_deployment(**spec.options()).apply(work_pool_name=WORK_POOL)
-        done.append(f"deployed {spec.full_name} on work pool {WORK_POOL!r}" +
+        queue = spec.work_queue
+        spec.load().to_deployment(**spec.options(), work_queue_name=queue) \
+            .apply(work_pool_name=WORK_POOL)
+        done.append(f"deployed {spec.full_name} on work pool {WORK_POOL!r} (queue {queue})" +
                     ("" if spec.active else " (its schedule inactive: turned off in the "
                                             "configuration)"))
     # The server sends them, whoever runs the cases: a worker set-up needs them too.

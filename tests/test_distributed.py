@@ -103,6 +103,11 @@ def test_workers_on_postgresql_take_cases_resume_reruns_and_follow_blocks(
     deployed = inst.mqi("deploy")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert f"deployed {DEPLOYMENT} on work pool {WORK_POOL!r}" in deployed.stdout
+    # the cases' queue is bounded (2 simulated GPUs + 2), housekeeping's queue is not
+    queues = httpx.post(f"{api}/work_pools/{WORK_POOL}/queues/filter", json={},
+                        timeout=10).json()
+    limits = {q["name"]: q["concurrency_limit"] for q in queues}
+    assert limits == {"default": 4, "housekeeping": None}, limits
     # prefect.yaml says the same thing: `prefect deploy --all` registers it identically
     by_yaml = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO,

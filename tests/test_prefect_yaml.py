@@ -25,6 +25,7 @@ def test_prefect_yaml_mirrors_the_definitions():
         assert entry.get("parameters", {}) == d.parameters
         assert tuple(entry.get("tags", ())) == d.tags
         assert entry["work_pool"]["name"] == WORK_POOL
+        assert entry["work_pool"]["work_queue_name"] == d.work_queue
         assert not d.schedule or entry.get("schedules"), d.name
 
 
