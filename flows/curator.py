@@ -25,8 +25,10 @@ import json
 import logging
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
@@ -335,14 +337,26 @@ def _repair(cfg: MqiConfig, host: Host, name: str, found: HostSurvey, runs: RunI
         logger.warning("the process table of %s could not be read (ps): stale processes, "
                        "zombie runs and leftover folders not judged this time", name)
         return []
-    repairs = [kill_stale(cfg, host, found, runs, p, dry_run)
+    # One repair that fails (an SSH hiccup, a run deleted meanwhile) is said and
+    # skipped: the rest of the look — the limit, the table, the events — still happens.
+    def tried(kind: str, case_id: str, subject: str, fix: Callable[[], Repair]) -> Repair:
+        try:
+            return fix()
+        except Exception as exc:  # noqa: BLE001 - reported as a repair not done
+            return Repair(kind, case_id, subject, f"{kind} of case {case_id} ({subject}) "
+                          f"failed: {type(exc).__name__}: {exc}", False)
+
+    repairs = [tried("stale-process", p.case_id, str(p.pgid),
+                     partial(kill_stale, cfg, host, found, runs, p, dry_run))
                for p in stale_processes(cfg, found, runs)]
     now = utcnow()
     quiet = cfg.curator.zombie_after_seconds
     heard = newest_logs(client, runs.running, now - timedelta(seconds=quiet))
-    repairs += [crash_zombie(client, name, run, stages, why, quiet, dry_run)
+    repairs += [tried("zombie-run", run.case_id, str(run.id),
+                      partial(crash_zombie, client, name, run, stages, why, quiet, dry_run))
                 for run, stages, why in zombie_runs(cfg, found, runs, heard, now)]
-    repairs += [remove_folder(cfg, host, folder, run, dry_run)
+    repairs += [tried("leftover-folder", folder.case_id, folder.path,
+                      partial(remove_folder, cfg, host, folder, run, dry_run))
                 for folder, run in leftover_folders(cfg, found, runs, now)]
     return repairs
 
