@@ -1,7 +1,7 @@
 """What the sensor knows of each case folder it has not started yet, and how it says so.
 
 A folder is a Candidate from its first event until its run starts; once it has
-settled and cannot start, its Verdict (waiting, refused, unreadable) is kept
+settled and cannot start, its Verdict (waiting or refused, or complete and waiting to start) is kept
 with the listing it was judged on, so it is inspected again only when that
 changes. Reasons and events never carry a file's name, which can carry a
 patient id.
@@ -67,7 +67,7 @@ class WriteEvents(FileSystemEventHandler):
 class Verdict:
     """Why a settled folder was not started, and what it was judged on."""
 
-    # the folder's listing and whether the ready marker was there; None: judged by its name
+    # the folder's listing and whether the ready marker was there
     seen: tuple[Signature, bool] | None
     last_event: float  # the candidate's last_event when judged
     state: str  # waiting (a piece may still arrive), refused, or start (see key)

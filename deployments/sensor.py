@@ -340,7 +340,7 @@ class CaseSensor:
 
     def _judge(self, case_dir: Path, case_id: str, marker: bool,
                ignore: set[str]) -> tuple[str, str]:
-        """("start", run key), or why not: ("waiting" | "refused" | "unreadable", reason).
+        """("start", run key), or why not: ("waiting" | "refused", reason).
 
         With the ready marker the case is not inspected here (its run does it); without
         it, inspection must accept it. The key names the content, read whole. A reason
