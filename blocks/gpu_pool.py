@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import csv
 import io
+import itertools
 import logging
 import re
 import shlex
@@ -41,6 +42,21 @@ _APPS, _LOCKS = "---mqi-compute-apps---", "---mqi-held-locks---"
 
 LOCK_BUSY_EXIT = 75
 """Exit status of ``flock -n`` (via -E) when another process holds the GPU's lock file."""
+
+
+ADMISSION_RETRIES = 5
+"""How often a failed request for a GPU slot is sent again when the API was only busy."""
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed slot request may succeed if asked again: the API answered 5xx,
+    or the connection failed — not a missing limit or a request the server refused."""
+    import httpx
+
+    cause = exc.__cause__
+    if isinstance(cause, httpx.HTTPStatusError):
+        return cause.response.status_code >= 500
+    return isinstance(cause, (httpx.TransportError, OSError, TimeoutError))
 
 
 class GpuQueryError(RuntimeError):
@@ -271,6 +287,7 @@ class GpuPool(Block):
         Blocks while every GPU is in use; a watcher says so in the task's log after
         a couple of seconds and every 30 s after that.
         """
+        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
         from prefect.concurrency.sync import concurrency
 
         started = time.monotonic()
@@ -290,8 +307,21 @@ class GpuPool(Block):
         try:
             # The slot is released however the block ends (return, error, cancellation);
             # a crashed holder's slot comes back when its lease expires.
-            with concurrency(self.limit_name, occupy=1, lease_duration=self.lease_seconds,
-                             strict=True):
+            with contextlib.ExitStack() as held:
+                for attempt in itertools.count():
+                    try:
+                        held.enter_context(concurrency(
+                            self.limit_name, occupy=1, lease_duration=self.lease_seconds,
+                            strict=True))
+                        break
+                    except ConcurrencySlotAcquisitionError as exc:
+                        # A busy API (SQLite locked, a dropped connection) heals in a
+                        # moment; a missing limit or a refused request does not.
+                        if attempt >= ADMISSION_RETRIES or not _transient(exc):
+                            raise
+                        logger.info("asking for a GPU slot failed (%s); asking again",
+                                    exc.__cause__ or exc)
+                        time.sleep(min(0.5 * 2 ** attempt, 5.0))
                 admitted.set()
                 yield
         finally:

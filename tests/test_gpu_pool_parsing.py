@@ -150,3 +150,24 @@ def _quiet():
     import logging
 
     return logging.getLogger("test.gpu_pool")
+
+
+def test_a_slot_request_the_busy_api_failed_is_asked_again_a_refused_one_is_not():
+    """Which failures of asking for a GPU slot are worth asking again."""
+    import httpx
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+
+    from blocks.gpu_pool import _transient
+
+    def failed(cause: BaseException) -> ConcurrencySlotAcquisitionError:
+        exc = ConcurrencySlotAcquisitionError("Unable to acquire concurrency slots")
+        exc.__cause__ = cause
+        return exc
+
+    request = httpx.Request("POST", "http://127.0.0.1/api/v2/concurrency_limits/increment")
+    for status, again in ((503, True), (500, True), (422, False), (404, False)):
+        response = httpx.Response(status, request=request)
+        assert _transient(failed(httpx.HTTPStatusError("x", request=request,
+                                                       response=response))) is again
+    assert _transient(failed(httpx.ConnectError("refused", request=request)))
+    assert not _transient(ConcurrencySlotAcquisitionError("must be created before"))
