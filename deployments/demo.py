@@ -16,8 +16,7 @@ from pathlib import Path
 
 from config import MqiConfig, MqiError
 from deployments import server, up
-
-FINISHED = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+from flows.run_states import FINISHED
 
 
 class DemoCaseFailed(MqiError):

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from deployments.status import CaseStatus
 
-RERUNNABLE = ("FAILED", "CRASHED", "CANCELLED")
+from flows.run_states import FAILED as RERUNNABLE
 
 
 class CaseNotRun(MqiError):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flows.naming import DEPLOYMENT, case_tag, run_name
+from flows.run_states import ACTIVE
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -75,7 +76,6 @@ class ActiveRun:
         return self.id[:8]
 
 
-ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 
 
 def active_runs(client: SyncPrefectClient, case_id: str) -> list[ActiveRun]:
@@ -94,7 +94,7 @@ def active_runs(client: SyncPrefectClient, case_id: str) -> list[ActiveRun]:
         flow_run_filter=FlowRunFilter(
             name=FlowRunFilterName(any_=[run_name(case_id)]),
             state=FlowRunFilterState(type=FlowRunFilterStateType(
-                any_=[StateType(s) for s in ACTIVE_STATES]))),
+                any_=[StateType(s) for s in ACTIVE]))),
         sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=20)
     return [ActiveRun(str(r.id), r.idempotency_key,
                       (r.state.name if r.state else None) or "Pending") for r in runs]

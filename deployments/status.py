@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 
     from deployments.intake_ledger import IntakeEntry
 
-FAILED = ("FAILED", "CRASHED", "CANCELLED")
-FINISHED = ("COMPLETED", *FAILED)
+from flows.run_states import FAILED, FINISHED
+
 PAGE = 200
 """The most the API serves a request (its default limit)."""
 COMPLETED_GPUS = 50

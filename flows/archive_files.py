@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from blocks.manifest import CHUNK, PART_SUFFIX
+from blocks.manifest import CHUNK, PART_SUFFIX, sha256_file
 from config import MqiError
 from flows.case_inspection import describe_file
 
@@ -156,14 +156,6 @@ def scan(root: Path, case_id: str) -> dict[str, os.stat_result]:
     return dict(sorted(found.items()))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def collect(root: Path, prefix: str, case_id: str) -> FileSet:
     """The manifest of ``root``: every file's size, mtime and SHA-256, read now.
 
@@ -173,7 +165,7 @@ def collect(root: Path, prefix: str, case_id: str) -> FileSet:
     files = FileSet(root, prefix)
     for rel, st in scan(root, case_id).items():
         try:
-            files.entries[rel] = Entry(st.st_size, st.st_mtime_ns, _sha256(root / rel))
+            files.entries[rel] = Entry(st.st_size, st.st_mtime_ns, sha256_file(root / rel))
         except OSError as exc:
             raise ArchiveError(case_id, f"cannot read {root.name}/{_where(rel)}: "
                                         f"{_os_problem(exc)}") from None
@@ -321,7 +313,7 @@ def pack(case_id: str, sets: list[FileSet], archive_dir: Path, when: datetime) -
     try:
         _write(part, sets, case_id)
         verify(part, sets, case_id)
-        digest = _sha256(part)
+        digest = sha256_file(part)
         size = part.stat().st_size
         if final.exists():
             raise ArchiveError(case_id, f"{final.name} exists already in the archive folder")

@@ -24,13 +24,12 @@ from flows.case_inspection import content_digest
 from flows.commands import CaseIdError, validate_case_id
 from flows.layout import results_dir
 from flows.naming import FLOW_NAME, case_id_from_run_name, run_name
+from flows.run_states import ACTIVE, FAILED
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.objects import FlowRun
 
-ACTIVE = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
-FAILED = ("FAILED", "CRASHED", "CANCELLED")
 PAGE = 200
 
 

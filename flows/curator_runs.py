@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from flows.naming import FLOW_NAME, SIMULATION_TASK, case_id_from_run_name, run_name, short_run_id
+from flows.run_states import ACTIVE
+from flows.run_states import FINISHED as ENDED
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
-ACTIVE = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"})
-"""States of a run that may still use its folder and processes."""
-ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 PAGE = 200
 """Prefect's largest page of runs."""
 _STAGE_TASK = re.compile(r"(?P<step>[A-Za-z_][A-Za-z0-9_]*?)(?:-beam(?P<beam>\d+))?(?:-gpu\d+)?")

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from flows.naming import FLOW_NAME, SYSTEM_TAG
+from flows.run_states import FINISHED
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.objects import FlowRun
 
-FINISHED = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 PAGE = 200
 
 
