@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import httpx
 import pytest
@@ -23,8 +24,6 @@ from deployments.intake_ledger import IntakeLedger, ledger_path
 from tests.support.patients import patient_ids
 from tests.support.pipeline import Installation, stop, wait_for, write_installation
 from tests.test_up import state_of
-
-pytestmark = pytest.mark.integration
 
 
 def everything(api: str, path: str, key: str | None = None) -> list[object]:
@@ -63,6 +62,7 @@ def inst(tmp_path, sshd) -> Installation:
     return installation
 
 
+@pytest.mark.integration
 def test_no_patient_id_in_any_output_channel(inst: Installation, tmp_path):
     api = inst.api_url
     staging = tmp_path / "staging"
@@ -112,12 +112,32 @@ def test_no_patient_id_in_any_output_channel(inst: Installation, tmp_path):
     # the channels did carry what happened (a search of empty text finds nothing)
     assert "bad spot log" in channels["logs"] and "reading " in channels["logs"]
     assert "empty" in channels["flow runs"] and "mqi.case.waiting" in channels["events"]
-    leaks = {where: sorted(i for i in ids if i.lower() in text.lower())
-             for where, text in channels.items()}
-    assert not {where: found for where, found in leaks.items() if found}, leaks
+    leaks = {where: found for where, text in channels.items() if (found := leaks_in(text, ids))}
+    assert not leaks, leaks
+
+
+def leaks_in(text: str, ids: set[str]) -> list[str]:
+    """Each id found in the text as a token of its own, with the text around it.
+
+    An id counts only where no letter or digit touches it: a five-digit TCSC id
+    is found inside a flow run's UUID or a timestamp's microseconds now and then
+    (`...-4b74606e...`, `.746061`), and that is chance, not a leak; in a file
+    name (`02_74606_02_01_001.ptn`), a path or a sentence it is found."""
+    return [f"{i}: ...{text[max(m.start() - 60, 0):m.end() + 60]}..."
+            for i in sorted(ids)
+            for m in re.finditer(rf"(?<![0-9a-z]){re.escape(i.lower())}(?![0-9a-z])",
+                                 text.lower())]
 
 
 def _config(inst: Installation):
     from config import load_config
 
     return load_config(str(inst.config))
+
+
+def test_an_id_counts_where_it_stands_alone():
+    found = leaks_in('{"name": "02_74606_02_01_001.ptn", "id": "4b74606e-1c2d", '
+                     '"t": "02:41:33.746061", "msg": "patient SIM140891 refused"}',
+                     {"74606", "SIM140891", "07412"})
+    assert [f.split(":")[0] for f in found] == ["74606", "SIM140891"]
+    assert "02_74606_02" in found[0]
