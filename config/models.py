@@ -365,6 +365,60 @@ class NotificationsSettings(Section):
         default=[], description="Each gets its events; none: no automations.")
 
 
+class GammaCriterion(Section):
+    """One gamma criterion: a dose difference (percent) and a distance to agreement."""
+
+    dose_percent: Annotated[float, Field(gt=0, le=100)]
+    distance_mm: Annotated[float, Field(gt=0, le=50)]
+    decides: bool = Field(
+        default=True, description="Its pass rate decides the verdict; false: reported "
+        "beside the deciding ones only.")
+
+
+class DoseQaSettings(Section):
+    """The compare_dose step: recomputed dose vs the plan's reference RT Dose (gamma
+    analysis with pymedphys; flows/dose_qa.py, docs/dose-qa.md)."""
+
+    reference_root: LocalPath | None = Field(
+        default=None, description="Also look for reference RT Doses in "
+        "<reference_root>/<case_id>/ (beside RD*.dcm in the case folder); null: only there.")
+    required: bool = Field(
+        default=False, description="true: a case without a reference dose for every beam "
+        "(or for the plan) FAILS; false: it completes with QA 'not assessed'.")
+    criteria: list[GammaCriterion] = Field(
+        default=[GammaCriterion(dose_percent=3, distance_mm=2),
+                 GammaCriterion(dose_percent=2, distance_mm=2, decides=False)],
+        min_length=1)
+    lower_cutoff_percent: Annotated[float, Field(ge=0, lt=100)] = Field(
+        default=10.0, description="Reference voxels below this percent of the reference "
+        "maximum are not evaluated (TG-218: 10).")
+    local_gamma: bool = Field(
+        default=False, description="false: global normalisation (the reference maximum).")
+    tolerance_percent: Annotated[float, Field(ge=0, le=100)] = Field(
+        default=95.0, description="Pass rate at or above it: PASS.")
+    action_percent: Annotated[float, Field(ge=0, le=100)] = Field(
+        default=90.0, description="Pass rate below it: FAIL; between the two: REVIEW.")
+    max_gamma: Annotated[float, Field(gt=1)] | None = Field(
+        default=1.5, description="Stop searching beyond this gamma (pymedphys max_gamma); "
+        "null: search on (slow where a dose fails).")
+    interp_fraction: Annotated[int, Field(ge=1, le=20)] = Field(
+        default=5, description="Search step: the distance criterion / this.")
+    random_subset: Annotated[int, Field(ge=1000)] | None = Field(
+        default=20000, description="Evaluate this many randomly chosen reference voxels "
+        "above the cutoff (a few seconds on a 150x150x100 grid); null: all of them.")
+    random_seed: int = Field(default=0, description="Makes the random subset reproducible.")
+    plots: bool = Field(default=True, description="A PNG per comparison (profiles, "
+                                                  "gamma histogram).")
+
+    @field_validator("action_percent")
+    @classmethod
+    def _action_below_tolerance(cls, value: float, info: ValidationInfo) -> float:
+        tolerance = info.data.get("tolerance_percent")
+        if tolerance is not None and value > tolerance:
+            raise ValueError(f"must not be above tolerance_percent ({tolerance})")
+        return value
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stream_command_output: bool = True
@@ -390,6 +444,7 @@ class MqiConfig(Section):
     archiver: ArchiverSettings = ArchiverSettings()
     curator: CuratorSettings = CuratorSettings()
     notifications: NotificationsSettings = NotificationsSettings()
+    dose_qa: DoseQaSettings = DoseQaSettings()
     logging: LoggingSettings = LoggingSettings()
     simulated: bool = Field(
         default=False, description="True when the tools are the bundled simulators: every "
@@ -423,7 +478,11 @@ BEAM_STEPS = frozenset(s for s, names in STEP_PLACEHOLDERS.items() if "beam_numb
 MOQUI_PLACEHOLDERS = frozenset({
     "case_id", "gpu_id", "parent_dir", "dicom_dir", "log_dir", "output_dir", "beam_number",
     "gantry_num", "output_format", "random_seed"})
-BUILTIN_STAGES = frozenset({"inspect", "upload", "download", "verify", "report"})
+QA_STEP = "compare_dose"
+"""The dose QA step: runs here (no remote command), after the results are verified."""
+LOCAL_STEPS = frozenset({QA_STEP})
+"""Workflow steps that run on this machine, not on the GPU host."""
+BUILTIN_STAGES = frozenset({"inspect", "upload", "download", "verify", "report", QA_STEP})
 SECRET_KEYS = re.compile(r"(password|passphrase|private_key|secret|token|api_key)$")
 
 
@@ -459,7 +518,11 @@ def cross_section_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
         if not steps:
             issues.append((f"workflows.{wf}", "a workflow needs at least one step"))
         for i, step in enumerate(steps):
-            if step not in cfg.remote_commands:
+            if step in LOCAL_STEPS:
+                if i != len(steps) - 1:
+                    issues.append((f"workflows.{wf}[{i}]", f"{step} runs on the verified "
+                                                          f"results: it must be the last step"))
+            elif step not in cfg.remote_commands:
                 issues.append((f"workflows.{wf}[{i}]", f"no remote command {step!r}"))
         for step in {s for s in steps if steps.count(s) > 1}:
             issues.append((f"workflows.{wf}", f"step {step!r} appears more than once"))

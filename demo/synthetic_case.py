@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -42,6 +43,17 @@ WAITING_KINDS = frozenset({
     "beam_count_mismatch", "empty_ptn", "no_planrange", "missing_ptn", "missing_mgn",
     "empty_mgn"})
 BROKEN_LAYER = 2  # the layer (or the last) of the first delivery folder missing_*/empty_mgn break
+REFERENCE_KINDS = ("match", "other_grid", "shifted", "scaled", "scaled_far", "other_plan")
+"""Reference RT Doses a case can carry (demo/dose_model.py makes them, SIMULATED):
+match (what the simulated MOQUI computes: PASS), other_grid (the same dose on
+another spacing and origin: PASS), shifted (3 mm along x: FAIL), scaled (+5 %:
+REVIEW), scaled_far (+8 %: FAIL), other_plan (a match, but for another plan's
+SOP Instance UID: refused)."""
+_REFERENCE_CHANGES: dict[str, dict[str, object]] = {
+    "match": {}, "other_grid": {}, "other_plan": {}, "shifted": {"shift_mm": (3.0, 0.0, 0.0)},
+    "scaled": {"scale": 1.05}, "scaled_far": {"scale": 1.08}}
+PLAN_REFERENCE = "plan"
+"""The key of ``write_case(reference={...})`` for a plan-sum reference (DoseSummationType PLAN)."""
 
 
 def _plan(case_id: str, patient_id: str, study_uid: str, beams: int, layers: int,
@@ -99,6 +111,7 @@ def write_case(
     broken: str | None = None,
     ready_marker: str | None = None,
     seed: int | None = None,
+    reference: str | Mapping[int | str, str] | None = None,
 ) -> Path:
     """Write one case folder under ``scan_root`` and return its path.
 
@@ -112,6 +125,9 @@ def write_case(
         broken: One of BROKEN_KINDS to write a case inspection must refuse.
         ready_marker: When given, a marker file of that name is written last.
         seed: Makes the spot data reproducible.
+        reference: Reference RT Doses the case carries (``RD.<uid>.dcm``): one of
+            ``REFERENCE_KINDS`` for every beam, or a mapping of beam number (or
+            ``"plan"`` for the plan sum) to a kind; None: none.
     """
     if broken is not None and broken not in BROKEN_KINDS:
         raise ValueError(f"unknown broken kind {broken!r} (known: {', '.join(BROKEN_KINDS)})")
@@ -174,6 +190,35 @@ def write_case(
             (folder / "PlanRange.txt").write_text("\n".join(rows) + "\n")
     if broken == "symlink_escape":
         (root / "outside").symlink_to("/etc")
+    if reference is not None and broken is None:
+        _write_references(root, plan, reference, [b + 2 for b in range(beams)])
     if ready_marker:
         (root / ready_marker).write_text("")
     return root
+
+
+def _write_references(root: Path, plan: FileDataset, reference: str | Mapping[int | str, str],
+                      beam_numbers: list[int]) -> None:
+    """The reference RT Doses, made from the simulators' dose model (SIMULATED)."""
+    import numpy as np
+
+    from demo.dose_model import OTHER_GRID, SIMULATOR_GRID, beam_dose, rt_dose
+
+    wanted = dict.fromkeys(beam_numbers, reference) if isinstance(reference, str) \
+        else dict(reference)
+    for key, kind in wanted.items():
+        if kind not in REFERENCE_KINDS:
+            raise ValueError(f"unknown reference kind {kind!r} (known: "
+                             f"{', '.join(REFERENCE_KINDS)})")
+        grid = OTHER_GRID if kind == "other_grid" else SIMULATOR_GRID
+        changes = _REFERENCE_CHANGES[kind]
+        beams = beam_numbers if key == PLAN_REFERENCE else [int(key)]
+        dose = np.sum([beam_dose(b, *grid.axes(), **changes) for b in beams],  # type: ignore[arg-type]
+                      axis=0)
+        ds = rt_dose(dose, grid, plan=plan, beam=None if key == PLAN_REFERENCE else int(key),
+                     summation="PLAN" if key == PLAN_REFERENCE else "BEAM",
+                     description=f"SIMULATED reference dose ({kind}), "
+                                 f"{'plan' if key == PLAN_REFERENCE else f'beam {key}'}")
+        if kind == "other_plan":
+            ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID = generate_uid()
+        ds.save_as(root / f"RD.{ds.SOPInstanceUID}.dcm", enforce_file_format=True)

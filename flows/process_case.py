@@ -25,11 +25,12 @@ from prefect.futures import PrefectFuture, as_completed
 from blocks.errors import HostAuthenticationError, HostKeyError
 from blocks.factory import MissingSecretError
 from config import ConfigError, MqiConfig, MqiError
-from config.models import BEAM_STEPS, GPU_STEP
+from config.models import BEAM_STEPS, GPU_STEP, LOCAL_STEPS, QA_STEP
 from config.redaction import install
 from config.templates import TemplateError
 from flows.case_inspection import CaseInfo, CaseRejected, case_redactor, pseudonym
 from flows.commands import CaseIdError, render_step_command, validate_case_id
+from flows.dose_qa import announce, compare_dose_stage, must_fail
 from flows.layout import RemoteLayout, remote_layout, results_dir
 from flows.naming import (
     FLOW_NAME,
@@ -183,7 +184,7 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     upload_stage.with_options(**_options(cfg, "upload"))(
         info.case_dir, case_id, digest, run_id, layout.case_dir)
 
-    steps = cfg.workflows[workflow]
+    steps = [s for s in cfg.workflows[workflow] if s not in LOCAL_STEPS]
     sims: dict[int, SimulationOutcome] = {}
     failures: list[str] = []
     i = 0
@@ -211,10 +212,15 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     downloaded = download_stage.with_options(**_options(cfg, "download"))(
         case_id, digest, run_id, tuple(steps), tuple(sorted(sims)))
     files = verify_stage(case_id, beams)
-    report = report_stage(info, workflow, sims, files, started)
+    qa = compare_dose_stage(info, files) if QA_STEP in cfg.workflows[workflow] else None
+    if qa is not None:
+        announce(info, qa)
+    report = report_stage(info, workflow, sims, files, started, qa)
     if cfg.paths.clean_remote_work_dir:
         # check=False: the case's folder stays while another run's folder is in it
         flow_host(cfg).run(layout.removal_command(), stream=False, check=False)
+    if qa is not None and (failure := must_fail(qa)) is not None:
+        raise failure
     logger.info("case %s COMPLETED%s: results in %s", case_id,
                 " (SIMULATED)" if cfg.simulated else "", results_dir(cfg, case_id))
     return CaseOutcome(case_id=case_id, results=str(results_dir(cfg, case_id)), report=report,

@@ -21,6 +21,7 @@ from config import MqiConfig
 
 if TYPE_CHECKING:
     from flows.case_inspection import CaseInfo
+    from flows.dose_qa import DoseQaOutcome
     from flows.outcomes import SimulationOutcome
 
 PROGRESS = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
@@ -92,10 +93,15 @@ class ProgressReporter:
 
 def render_report(cfg: MqiConfig, info: CaseInfo, workflow: str,
                   sims: dict[int, SimulationOutcome],
-                  files: dict[str, dict[str, str]], seconds: float) -> str:
-    """The case report (markdown): plan, beams, GPU used, durations, result files."""
+                  files: dict[str, dict[str, str]], seconds: float,
+                  qa: DoseQaOutcome | None = None) -> str:
+    """The case report (markdown): the dose QA verdict first, then plan, beams, GPU used,
+    durations, result files."""
+    from flows.dose_qa import report_section
+
     sim = " — SIMULATED" if cfg.simulated else ""
     lines = [f"# MQI verification report: case {info.case_id}{sim}", ""]
+    lines += report_section(qa)
     if cfg.simulated:
         lines += ["> **SIMULATED**: produced by the bundled simulators, not by MOQUI. "
                   "Not for clinical use.", ""]

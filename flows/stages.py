@@ -35,6 +35,7 @@ from config.models import GPU_STEP
 from config.redaction import redact
 from flows.caching import StageIdentity
 from flows.case_inspection import Beam, CaseInfo, inspect_case
+from flows.dose_qa import DoseQaOutcome
 from flows.layout import remote_layout, results_dir
 from flows.moqui_input import render_simulation
 from flows.naming import report_artifact_key, simulation_task_run_name
@@ -243,10 +244,11 @@ def verify_stage(case_id: str, beams: list[int]) -> dict[str, dict[str, str]]:
 
 @task(name="report", task_run_name="report")
 def report_stage(info: CaseInfo, workflow: str, sims: dict[int, SimulationOutcome],
-                 files: dict[str, dict[str, str]], started: float) -> str:
+                 files: dict[str, dict[str, str]], started: float,
+                 qa: DoseQaOutcome | None = None) -> str:
     """Write report.md into the results folder and the same text as an artifact."""
     cfg = flow_config()
-    text = render_report(cfg, info, workflow, sims, files, time.time() - started)
+    text = render_report(cfg, info, workflow, sims, files, time.time() - started, qa)
     target = results_dir(cfg, info.case_id) / "report.md"
     target.write_text(text)
     # The results folder holds the case's own data; what leaves for the API does not.

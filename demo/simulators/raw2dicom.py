@@ -8,49 +8,22 @@ SIMULATED in its series description and manufacturer.
 from __future__ import annotations
 
 import json
-import struct
 import sys
 from pathlib import Path
 
 from demo.simulators import _simctl
 
-RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
-
 
 def write_dose(raw: Path, geometry: dict, out: Path) -> Path:
-    from pydicom.uid import generate_uid
+    import numpy as np
 
-    from demo.dicom import new_file
+    from demo.dose_model import Grid, rt_dose
 
-    frames, rows, cols = geometry["frames"], geometry["rows"], geometry["columns"]
-    values = struct.unpack(f"<{frames * rows * cols}f", raw.read_bytes())
-    peak = max(values) or 1.0
-    scaling = peak / 65535
-    pixels = struct.pack(f"<{len(values)}I", *(round(v / scaling) for v in values))
-    ds = new_file(RT_DOSE, "RTDOSE")
-    ds.Manufacturer = "MQI Communicator (SIMULATED)"
-    ds.SeriesDescription = f"SIMULATED MOQUI dose, beam {geometry['beam']}"
-    ds.StudyInstanceUID = generate_uid()
-    ds.DoseUnits = "GY"
-    ds.DoseType = "PHYSICAL"
-    ds.DoseSummationType = "BEAM"
-    ds.DoseGridScaling = f"{scaling:.10g}"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 32
-    ds.BitsStored = 32
-    ds.HighBit = 31
-    ds.PixelRepresentation = 0
-    ds.NumberOfFrames = frames
-    ds.Rows = rows
-    ds.Columns = cols
-    sx, sy, sz = geometry["spacing_mm"]
-    ds.PixelSpacing = [sx, sy]
-    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.GridFrameOffsetVector = [i * sz for i in range(frames)]
-    ds.FrameIncrementPointer = 0x3004000C
-    ds.PixelData = pixels
+    shape = (geometry["frames"], geometry["rows"], geometry["columns"])
+    dose = np.frombuffer(raw.read_bytes(), dtype="<f4").reshape(shape).astype(np.float64)
+    grid = Grid(shape=shape, spacing=tuple(geometry["spacing_mm"]),
+                origin=tuple(geometry.get("origin_mm", (0.0, 0.0, 0.0))))
+    ds = rt_dose(dose, grid, description=f"SIMULATED MOQUI dose, beam {geometry['beam']}")
     target = out / f"RTDOSE_beam{geometry['beam']}.dcm"
     ds.save_as(target, enforce_file_format=True)
     return target

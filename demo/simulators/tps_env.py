@@ -15,14 +15,11 @@ import fcntl
 import json
 import os
 import signal
-import struct
 import sys
 import time
 from pathlib import Path
 
 from demo.simulators import _simctl
-
-GRID = (10, 16, 16)  # frames, rows, columns
 
 
 def parse_input(path: Path) -> dict[str, str]:
@@ -103,14 +100,18 @@ def main() -> int:
                 print("ERROR: simulated dose scorer overflow", flush=True)
         out = Path(values["OutputDir"])
         out.mkdir(parents=True, exist_ok=True)
-        frames, rows, cols = GRID
-        voxels = [float((f + 1) * (r + c) % 7) * 0.01 for f in range(frames)
-                  for r in range(rows) for c in range(cols)]
-        (out / f"Dose_beam{beam}.raw").write_bytes(struct.pack(f"<{len(voxels)}f", *voxels))
+        # The made-up dose a synthetic case's reference RT Dose is made from
+        # (demo/dose_model.py), so that the dose QA has something true to find.
+        from demo.dose_model import SIMULATOR_GRID, simulated_dose
+
+        grid = SIMULATOR_GRID
+        dose = simulated_dose(int(beam), grid)
+        (out / f"Dose_beam{beam}.raw").write_bytes(dose.astype("<f4").tobytes())
+        frames, rows, cols = grid.shape
         (out / f"Dose_beam{beam}.json").write_text(json.dumps(
             {"beam": beam, "frames": frames, "rows": rows, "columns": cols,
-             "spacing_mm": [2.0, 2.0, 2.0], "format": values.get("OutputFormat", "raw"),
-             "gpu": gpu, "simulated": True}))
+             "spacing_mm": list(grid.spacing), "origin_mm": list(grid.origin),
+             "format": values.get("OutputFormat", "raw"), "gpu": gpu, "simulated": True}))
         _simctl.record(control, "tps_env", "end", beam=beam, gpu=gpu, ok=mode is None)
         if mode != "no_success":
             print(f"Total execution time: {time.monotonic() - started:.2f} seconds", flush=True)
