@@ -2,12 +2,15 @@
 
 Once the system is up, a synthetic 3-beam case (labelled SIMULATED) appears in
 the scan root in one step, with its ready marker; the sensor starts it like any
-other case. Its outcome, RT Dose files and report are printed; with ``once``
+other case. It carries reference RT Doses (SIMULATED: beams on the simulators' own
+grid and one on another grid), so the dose QA has something to judge. Its outcome,
+dose QA verdict, RT Dose files, QA pictures and report are printed; with ``once``
 the system then stops.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -30,7 +33,10 @@ def drop_case(cfg: MqiConfig) -> str:
     scan_root = Path(cfg.scanner.target_directory)
     scan_root.mkdir(parents=True, exist_ok=True)
     case_id = time.strftime("DEMO-%Y%m%d-%H%M%S")
-    case = write_case(scan_root.parent / ".demo-staging", case_id, beams=3, layers=4)
+    # Reference doses as a planning system would export them (SIMULATED): two beams on
+    # the simulated MOQUI's grid, one on another spacing and origin.
+    case = write_case(scan_root.parent / ".demo-staging", case_id, beams=3, layers=4,
+                      reference={2: "match", 3: "match", 4: "other_grid"})
     os.replace(case, scan_root / case_id)  # appears complete, in one step
     (scan_root / case_id / cfg.scanner.ready_marker).write_text("")
     print(f"dropped a synthetic 3-beam case (SIMULATED): {scan_root / case_id}", flush=True)
@@ -52,7 +58,8 @@ def wait_for_case(case_id: str, timeout: float, stopping: Callable[[], bool]) ->
         return f"demo case {case_id}: never started"
     if row.status != "COMPLETED":
         return f"demo case {case_id}: {row.status} {row.reason or ''}".rstrip()
-    print(f"demo case {case_id}: COMPLETED in {row.duration_s} s (SIMULATED)")
+    print(f"demo case {case_id}: COMPLETED in {row.duration_s} s (SIMULATED), "
+          f"dose QA {row.qa or 'not run'}")
     return None
 
 
@@ -60,6 +67,11 @@ def print_results(cfg: MqiConfig, case_id: str) -> None:
     results = Path(cfg.paths.results_root) / case_id
     for dose in sorted(results.glob("dicom/*/*.dcm")):
         print(f"  RT Dose: {dose}")
+    summary = results / "qa" / "dose_qa.json"
+    if summary.is_file():
+        print(f"  {json.loads(summary.read_text()).get('headline', '')}")
+        for picture in sorted(results.glob("qa/*.png")):
+            print(f"  QA plot: {picture}")
     print(f"  report:  {results / 'report.md'}")
     print(f"Dashboard: {server.ui_url(cfg)}", flush=True)
 

@@ -83,6 +83,9 @@ class CaseStatus:
     """How often this flow run ran: `mqi rerun` retries the same run."""
     source: str = "run"
     """``run`` (a flow run) or ``intake`` (a folder the sensor has not started)."""
+    qa: str | None = None
+    """The dose QA verdict (``PASS``, ``REVIEW``, ``FAIL``, ``NOT ASSESSED``) from the run's
+    ``qa:`` tag; None before compare_dose said it, or without it in the workflow."""
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "flow_run_id": self.flow_run_id or None}
@@ -329,7 +332,13 @@ def _run_row(case_id: str, run: dict[str, Any], running: list[str],
         duration_s=round(duration, 1) if duration is not None else None,
         reason=reason, flow_run_id=str(run["id"]),
         case_dir=(run.get("parameters") or {}).get("case_dir"),
-        attempts=max(1, run.get("run_count") or 1))
+        attempts=max(1, run.get("run_count") or 1), qa=qa_from_tags(run.get("tags") or []))
+
+
+def qa_from_tags(tags: list[str]) -> str | None:
+    """``qa:review`` → ``REVIEW``, ``qa:not-assessed`` → ``NOT ASSESSED``; None without one."""
+    found = [t.removeprefix("qa:") for t in tags if t.startswith("qa:")]
+    return found[-1].replace("-", " ").upper() if found else None
 
 
 def shown(text: str) -> str:
@@ -341,15 +350,16 @@ def format_table(rows: list[CaseStatus], only_failed: bool = False) -> str:
     """Human-readable lines, one a row: case, status, GPUs, started, duration, reason."""
     if not rows:
         return "no failed cases" if only_failed else "no cases yet"
-    lines = [f"{'CASE':<34} {'STATUS':<26} {'GPU':<22} {'STARTED':<20} {'DURATION':>9}  REASON"]
+    lines = [f"{'CASE':<34} {'STATUS':<26} {'QA':<12} {'GPU':<22} {'STARTED':<20} "
+             f"{'DURATION':>9}  REASON"]
     for r in rows:
         reason = shown(r.reason)[:120] if r.reason else ""
         duration = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
         gpus = "…" if r.gpus is None else ", ".join(
             g.replace("beam ", "b").replace(": GPU ", "→") for g in r.gpus) or "-"
         status = r.status if r.attempts == 1 else f"{r.status} (try {r.attempts})"
-        lines.append(f"{shown(r.case_id):<34} {status:<26} {gpus:<22} {r.started or '-':<20} "
-                     f"{duration:>9}  {reason}")
+        lines.append(f"{shown(r.case_id):<34} {status:<26} {r.qa or '-':<12} {gpus:<22} "
+                     f"{r.started or '-':<20} {duration:>9}  {reason}")
     if any(r.gpus is None for r in rows):
         lines.append("(GPU …: not read for older COMPLETED cases; `mqi status --all-gpus` "
                      "reads them)")

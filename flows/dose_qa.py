@@ -22,6 +22,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
+from blocks.manifest import sha256_file
 from config import MqiConfig
 from config.models import QA_STEP
 from flows.case_inspection import CaseInfo
@@ -52,6 +53,8 @@ class DoseQaOutcome(BaseModel):
     required, the failure)"""
     required: bool = False
     simulated: bool = False
+    files: dict[str, str] = {}
+    """the QA's files in the results folder (PNGs, dose_qa.json) → SHA-256"""
 
     @property
     def tag(self) -> str:
@@ -221,7 +224,10 @@ def run_dose_qa(cfg: MqiConfig, info: CaseInfo, files: dict[str, dict[str, str]]
     outcome = outcome.model_copy(update={"headline": headline(outcome)})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "dose_qa.json").write_text(outcome.model_dump_json(indent=2))
-    return outcome
+    root = results_dir(cfg, info.case_id)
+    written = [root / c.plot for c in comparisons if c.plot] + [out_dir / "dose_qa.json"]
+    return outcome.model_copy(update={"files": {
+        p.relative_to(root).as_posix(): sha256_file(p) for p in written}})
 
 
 def headline(outcome: DoseQaOutcome) -> str:
@@ -277,6 +283,11 @@ def report_section(outcome: DoseQaOutcome | None) -> list[str]:
                   f"{', '.join(map(str, outcome.not_compared))}.", ""]
     if outcome.refused:
         lines += ["References not used:", ""] + [f"- {r}" for r in outcome.refused] + [""]
+    if outcome.files:
+        # The same row shape as the result files: the archiver checks these too.
+        lines += ["| QA | file | SHA-256 |", "|---|---|---|"]
+        lines += [f"| qa | `{name}` | `{digest}` |" for name, digest in outcome.files.items()]
+        lines.append("")
     return lines
 
 

@@ -183,6 +183,19 @@ def test_a_case_with_beam_plan_and_refused_references(tmp_path):
     lines = report_section(outcome)
     assert lines[0].startswith("## Dose QA: REVIEW — beam 2 PASS (3%/2mm 100.0 %); beam 3 REVIEW")
     assert "(qa/beam_3.png)" in "\n".join(lines) and "References not used:" in lines
+    # the archiver checks the QA files like the result files (flows/archive_files.py)
+    from flows.archive_files import report_checksums
+
+    listed = report_checksums("\n".join(lines))
+    assert set(listed) == {"qa/beam_2.png", "qa/beam_3.png", "qa/plan.png", "qa/dose_qa.json"}
+
+
+def test_the_qa_column_reads_the_runs_tag():
+    from deployments.status import qa_from_tags
+
+    assert qa_from_tags(["case:x", "qa:review"]) == "REVIEW"
+    assert qa_from_tags(["qa:not-assessed"]) == "NOT ASSESSED"
+    assert qa_from_tags(["case:x"]) is None
 
 
 @pytest.mark.parametrize("required", [False, True])
