@@ -38,7 +38,8 @@ def issues(error: ConfigError) -> dict[str, str]:
 @pytest.mark.parametrize("path", [DEFAULT_PATH, DEMO_PATH], ids=["default", "demo"])
 def test_bundled_configs_are_valid(path):
     cfg = load_config(path)
-    assert cfg.workflows["default_qa"] == ["run_interpreter", "run_moqui_sim", "convert_to_dicom"]
+    assert cfg.workflows["default_qa"] == ["run_interpreter", "run_moqui_sim", "convert_to_dicom",
+                                           "compare_dose"]
     assert cfg.gpu.host in cfg.hosts
 
 
