@@ -271,7 +271,8 @@ class CuratorSettings(Section):
         "without killing, marking or removing anything.")
 
 
-NotificationEvent = Literal["case_failed", "gpu_warning", "case_incomplete", "case_refused"]
+NotificationEvent = Literal["case_failed", "gpu_warning", "case_incomplete", "case_refused",
+                            "case_qa"]
 """What a notification target can be told of (deployments/notifications.py)."""
 DEFAULT_NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = (
     "case_failed", "gpu_warning", "case_incomplete")
@@ -306,7 +307,7 @@ class NotificationTarget(Section):
     events: list[NotificationEvent] = Field(
         default=list(DEFAULT_NOTIFICATION_EVENTS), min_length=1,
         description="What it is told of: case_failed, gpu_warning, case_incomplete, "
-        "case_refused.")
+        "case_refused, case_qa (a dose QA FAIL or REVIEW).")
     block: str | None = Field(
         default=None, pattern=r"^([a-z0-9-]+/)?[A-Za-z0-9][A-Za-z0-9 ._-]*$",
         description="kind block: an existing notification block, '<type-slug>/<name>' "

@@ -12,6 +12,7 @@ sends the messages; nothing of ours has to run for a notification to go out
     gpu_warning      mqi.gpu.warning (flows/curator.py)
     case_incomplete  mqi.case.incomplete (deployments/sensor.py)
     case_refused     mqi.case.refused (deployments/sensor.py)
+    case_qa          mqi.case.qa: a dose QA FAIL or REVIEW (flows/dose_qa.py)
 
 What a message may say: the case id (the run's name, the event's resource
 name), the flow run's state message and the events' payload texts. Each of those
@@ -48,6 +49,7 @@ EVENT_TITLES: dict[NotificationEvent, str] = {
     "gpu_warning": "GPU warning",
     "case_incomplete": "case incomplete",
     "case_refused": "case refused",
+    "case_qa": "case QA",
 }
 
 
@@ -115,6 +117,14 @@ def templates(base: str) -> dict[NotificationEvent, Template]:
                 "Reported at " + when + ".",
                 "Its events: " + events,
             ])),
+        "case_qa": Template(
+            subject="MQI: case {{ event.resource.name }} dose QA {{ event.payload.verdict }}",
+            body="\n".join([
+                "Case {{ event.resource.name }}: {{ event.payload.summary }}",
+                "Reported at " + when + ". The report (with its plots) is in the case's "
+                "results folder.",
+                "Its events: " + events,
+            ])),
     }
 
 
@@ -132,7 +142,7 @@ def trigger(event: NotificationEvent) -> EventTrigger:
                            "prefect.resource.name": FLOW_NAME},
             posture=Posture.Reactive, threshold=1, within=timedelta(0))
     name = {"gpu_warning": "mqi.gpu.warning", "case_incomplete": "mqi.case.incomplete",
-            "case_refused": "mqi.case.refused"}[event]
+            "case_refused": "mqi.case.refused", "case_qa": "mqi.case.qa"}[event]
     return EventTrigger(expect={name}, match={"prefect.resource.id": "mqi.*"},
                         posture=Posture.Reactive, threshold=1, within=timedelta(0))
 

@@ -326,6 +326,7 @@ def announce(info: CaseInfo, outcome: DoseQaOutcome) -> None:
         }, related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
                      "prefect.resource.role": "flow-run"}],
             payload={"verdict": outcome.verdict, "simulated": outcome.simulated,
+                     "summary": outcome.headline,
                      "comparisons": {c.label: {"verdict": c.verdict, "why": c.why}
                                      for c in outcome.comparisons}})
 

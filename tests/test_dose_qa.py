@@ -247,3 +247,17 @@ def test_rt_dose_model_writes_what_it_says(tmp_path):
     back = read_dose(tmp_path / "RD.dcm")
     assert np.allclose(back.x, OTHER_GRID.axes()[2]) and np.allclose(back.z, OTHER_GRID.axes()[0])
     assert np.allclose(back.dose, dose, atol=1e-6 * dose.max())
+
+
+def test_a_target_can_be_told_of_a_qa_fail_or_review(tmp_path):
+    from uuid import uuid4
+
+    from deployments.notifications import automations, templates
+
+    cfg = parse_config({**yaml.safe_load(DEFAULT_PATH.read_text()), "notifications": {
+        "targets": [{"name": "physics", "kind": "webhook", "url": "https://x.example.org/h",
+                     "events": ["case_qa"]}]}}, tmp_path / "mqi.yaml")
+    (made,) = automations(cfg, {"physics": uuid4()})
+    assert made.name == "mqi: case QA -> physics"
+    assert made.trigger.expect == {"mqi.case.qa"}
+    assert "event.payload.summary" in templates("http://ui")["case_qa"].body
