@@ -39,7 +39,7 @@ class DoseGrid:
     y: np.ndarray
     x: np.ndarray
     dose: np.ndarray
-    units: str = "GY"
+    units: str = "Gy"
 
     @property
     def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,8 +100,9 @@ def dose_from_dataset(ds: Any, where: Path | str = "RT Dose") -> DoseGrid:
             dose = np.flip(dose, axis=dim)
         if len(axis) > 1 and not np.all(np.diff(axes[dim]) > 0):
             raise DoseReadError(where, f"the {'zyx'[dim]} coordinates do not run one way")
+    units = str(ds.get("DoseUnits", "GY")).upper()
     return DoseGrid(z=axes[0], y=axes[1], x=axes[2], dose=np.ascontiguousarray(dose),
-                    units=str(ds.get("DoseUnits", "GY")))
+                    units={"GY": "Gy", "RELATIVE": "relative"}.get(units, units))
 
 
 def read_dose(path: Path) -> DoseGrid:

@@ -61,7 +61,7 @@ def test_voxel_coordinates_of_a_hand_made_rt_dose(offsets):
     assert np.allclose(grid.z, [-30.0, -27.5, -25.0])
     assert grid.dose.shape == (3, 2, 4)
     assert grid.dose[2, 1, 3] == pytest.approx(0.213)  # frame 2, row 1, column 3
-    assert grid.dose[0, 0, 0] == 0
+    assert grid.dose[0, 0, 0] == 0 and grid.units == "Gy"
 
 
 def test_frames_stored_backwards_come_out_ascending_with_their_dose():
