@@ -27,6 +27,7 @@ from flows.naming import (
     report_artifact_key,
     short_run_id,
 )
+from tests.support.patients import patient_ids
 from tests.support.pipeline import REPO, Installation, wait_for, write_installation
 
 pytestmark = pytest.mark.integration
@@ -222,6 +223,22 @@ def test_failing_beam_fails_the_case_frees_the_gpu_and_ends_every_task(fresh: In
     assert f"Last {len(tail)} lines of the log:\n\n````text\n" + "\n".join(tail) in shown
     assert f"mqi rerun --config {fresh.config} e2e-resume" in shown
     assert "| upload | done |" in shown and "| convert_to_dicom [beam 3] | not run |" in shown
+
+    # mqi logs prints a stage's log, first saying which installation it reads; the
+    # interpreter's log names every file it read, whose names carry the patient ids
+    logs = fresh.mqi("logs", "e2e-resume", "--step", "run_moqui_sim", "--beam", "3")
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stderr.splitlines()[0] == \
+        f"mqi: config {fresh.config} (from MQI_CONFIG_PATH); Prefect API {fresh.api_url}"
+    assert logs.stdout.splitlines()[0] == f"==> {log} <=="
+    assert logs.stdout.splitlines()[1:] == log.read_text().splitlines()
+    read = fresh.mqi("logs", "e2e-resume", "--step", "run_interpreter")
+    assert read.returncode == 0 and ".ptn" in read.stdout, read.stderr
+    assert not [i for i in patient_ids(case) if i in read.stdout]
+    inspected = fresh.mqi("logs", "e2e-resume", "--step", "inspect")  # no file: the API's
+    assert inspected.returncode == 0, inspected.stderr
+    assert "task run inspect of flow run case-e2e-resume" in inspected.stdout
+    assert "3 treatment beam(s)" in inspected.stdout
 
     status = fresh.mqi("status", "--failed")
     assert status.returncode == 0, status.stderr

@@ -90,9 +90,13 @@ def inst(tmp_path, sshd) -> Installation:
 def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
     api = inst.api_url
     cmd = [sys.executable, "-m", "deployments.cli", "up", "--config", str(inst.config)]
+    inst.scan_root.rmdir()  # mqi up makes a missing scan root (and says so)
     up = inst.start_up()
     children: list[int] = []
     try:
+        made = f"created {inst.scan_root} (scanner.target_directory): it did not exist"
+        wait_for(lambda: made in (inst.root / "up.log").read_text(), 10, "mqi up to say so")
+        assert inst.scan_root.is_dir() and inst.results.is_dir()
         children = descendants(up.pid)
         pool = httpx.get(f"{api}/block_types/slug/mqi-gpu-pool/block_documents/name/"
                          f"mqi-gpu-pool", timeout=10)
