@@ -249,6 +249,31 @@ def test_failing_beam_fails_the_case_frees_the_gpu_and_ends_every_task(fresh: In
     # tests/test_distributed.py) follow that path end to end.
 
 
+def test_a_cancelled_or_crashed_run_says_so_in_its_case_report(fresh: Installation):
+    """The hooks Prefect calls in serve's process when a run is cancelled or its process
+    died (no run context there): the report says which, from the API alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Crashed
+
+    from flows.case_report import report_end
+    from flows.naming import run_name
+    from flows.process_case import process_case
+
+    case = write_case(fresh.scan_root, "e2e-ended", beams=1, layers=1, seed=11)
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(process_case, name=run_name("e2e-ended"),
+                                     parameters={"case_dir": str(case)})
+    report_end(process_case, run, Crashed(message="Flow run process exited with -9"))
+    first = case_report(run.id, "e2e-ended")
+    assert "# Case e2e-ended: CRASHED" in first.data and "exited with -9" in first.data
+    assert f"mqi rerun --config {fresh.config} e2e-ended" in first.data
+    assert "| run_moqui_sim [each beam] | waiting |" in first.data  # nothing ran yet
+    report_end(process_case, run, Cancelled(message="Cancelled from the UI"))
+    again = case_report(run.id, "e2e-ended")  # the same artifact, rewritten
+    assert again.id == first.id and "# Case e2e-ended: CANCELLED" in again.data
+    assert not [i for i in patient_ids(case) if i in again.data]
+
+
 def test_six_cases_on_two_gpus_never_share_an_index(fresh: Installation):
     fresh.set_control(duration=1.0, batches=4)
     cases = [write_case(fresh.scan_root, f"e2e-six-{i}", beams=3, layers=2, seed=10 + i)
