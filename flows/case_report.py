@@ -188,7 +188,7 @@ class CaseReport:
         lines: list[str] = []
         if self.status == "COMPLETED" and self.completed_text:
             body = self.completed_text.rstrip().splitlines()
-            lines += [body[0], "", "**Status: COMPLETED**", "", *body[1:], ""]
+            lines += [body[0], "", "**Status: COMPLETED**", *body[1:], ""]
         else:
             lines += [f"# Case {self.case_id}: {self.status}{sim}", ""]
             if self.simulated:
@@ -200,7 +200,7 @@ class CaseReport:
                       + (f": {_cell(self.message)}" if self.message else "") + " |",
                       f"| updated | {time.strftime('%Y-%m-%d %H:%M:%S %Z')} |", ""]
         lines += self._failure_lines()
-        lines += ["## Stages", "", "| stage | status | |", "|---|---|---|"]
+        lines += ["## Stages", "", "| stage | status | detail |", "|---|---|---|"]
         lines += [f"| {r.label} | {r.status} | {_cell(r.note)} |" for r in self.rows.values()]
         lines.append("")
         if self.status != "COMPLETED" and self.status != "IN PROGRESS":
