@@ -7,13 +7,14 @@ written under a temporary part name, verified, and only then renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shlex
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import paramiko
 
@@ -249,7 +250,7 @@ def _put_file(sftp: paramiko.SFTPClient, local_path: str, remote_path: str) -> t
     """Write one file with pipelined large requests; return digest and size of what was sent."""
     digest = hashlib.sha256()
     size = 0
-    with open(local_path, "rb") as src, sftp.open(remote_path, "wb") as dst:
+    with open(local_path, "rb") as src, _closing(sftp.open(remote_path, "wb")) as dst:
         dst.set_pipelined(True)
         dst.MAX_REQUEST_SIZE = SFTP_REQUEST_SIZE
         while chunk := src.read(4 * 1024 * 1024):
@@ -263,7 +264,7 @@ def _get_file(sftp: paramiko.SFTPClient, remote_path: str, local_path: str) -> t
     """Read one file with prefetching; return digest and size of what was received."""
     digest = hashlib.sha256()
     size = 0
-    with sftp.open(remote_path, "rb") as src, open(local_path, "wb") as dst:
+    with _closing(sftp.open(remote_path, "rb")) as src, open(local_path, "wb") as dst:
         file_size = src.stat().st_size
         src.MAX_REQUEST_SIZE = SFTP_REQUEST_SIZE
         src.prefetch(file_size)
@@ -272,3 +273,22 @@ def _get_file(sftp: paramiko.SFTPClient, remote_path: str, local_path: str) -> t
             size += len(chunk)
             dst.write(chunk)
     return digest.hexdigest(), size
+
+
+@contextlib.contextmanager
+def _closing(remote: paramiko.SFTPFile) -> Iterator[paramiko.SFTPFile]:
+    """A remote file closed on the way out, whose close never hides why we left.
+
+    A signal (SIGTERM of `mqi up`: Prefect's TerminationSignal) or an error raised
+    in the middle of an SFTP read leaves the session mid-packet; closing the file
+    then fails too ("Garbage packet received"), and that error would replace the
+    real one: an interrupted download would end as a failed case instead of an
+    interrupted one that the next start resumes.
+    """
+    try:
+        yield remote
+    except BaseException:
+        with contextlib.suppress(Exception):
+            remote.close()
+        raise
+    remote.close()

@@ -8,6 +8,7 @@ SIMULATED in its series description and manufacturer.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from demo.simulators import _simctl
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 
 
-def write_dose(raw: Path, geometry: dict, out: Path) -> Path:
+def write_dose(raw: Path, geometry: dict, out: Path, padding_mb: float = 0) -> Path:
     from pydicom.uid import generate_uid
 
     from demo.dicom import new_file
@@ -51,6 +52,10 @@ def write_dose(raw: Path, geometry: dict, out: Path) -> Path:
     ds.GridFrameOffsetVector = [i * sz for i in range(frames)]
     ds.FrameIncrementPointer = 0x3004000C
     ds.PixelData = pixels
+    if padding_mb:
+        # A dose file as big as a real one (tens of MB), for tests of long downloads.
+        block = ds.private_block(0x0009, "MQI SIMULATED PADDING", create=True)
+        block.add_new(0x01, "OB", os.urandom(int(padding_mb * 1024 * 1024)))
     target = out / f"RTDOSE_beam{geometry['beam']}.dcm"
     ds.save_as(target, enforce_file_format=True)
     return target
@@ -74,7 +79,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for raw in raws:
         geometry = json.loads(raw.with_suffix(".json").read_text())
-        print(f"wrote {write_dose(raw, geometry, out).name}", flush=True)
+        dose = write_dose(raw, geometry, out, float(control.get("dose_padding_mb", 0)))
+        print(f"wrote {dose.name}", flush=True)
     _simctl.record(control, "raw2dicom", "end", input=args.input)
     return 0
 
