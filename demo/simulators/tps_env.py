@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 from demo.simulators import _simctl
 
 GRID = (10, 16, 16)  # frames, rows, columns
+HANGING_HELPER = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "time.sleep(3600)")
 
 
 def parse_input(path: Path) -> dict[str, str]:
@@ -86,6 +89,11 @@ def main() -> int:
         print(f"Simulating beam {beam} on GPU {gpu} with {batches} batches", flush=True)
         for i in range(1, batches + 1):
             if mode == "hang" and i > batches // 2:
+                # A helper process that ignores SIGTERM hangs with us: only the kill of
+                # the whole process group, up to SIGKILL, ends both.
+                helper = subprocess.Popen([sys.executable, "-c", HANGING_HELPER])
+                _simctl.record(control, "tps_env", "hang", beam=beam, gpu=gpu,
+                               helper=helper.pid)
                 while True:
                     time.sleep(3600)
             if mode == "fatal" and i > batches // 2:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,11 @@ import httpx
 import pytest
 import yaml
 
+from blocks import procfs
+from config import get_config
 from demo.synthetic_case import write_case
 from flows.naming import run_name
-from tests.support.pipeline import Installation, write_installation
+from tests.support.pipeline import Installation, serving, write_installation
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 
@@ -92,3 +96,52 @@ def sim_starts(inst: Installation) -> dict[str, int]:
         if e["event"] == "start":
             counts[e["beam"]] = counts.get(e["beam"], 0) + 1
     return counts
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory: pytest.TempPathFactory, sshd) -> Iterator[Installation]:
+    """One installation and its Prefect server for a module; flows run in this process."""
+    with serving(write_installation(tmp_path_factory.mktemp("mqi"), sshd)) as inst:
+        yield inst
+
+
+@pytest.fixture
+def fresh_pipe(pipe: Installation) -> Iterator[Installation]:
+    """The module's installation with the simulators reset and its own config restored."""
+    pipe.set_control()
+    pipe.record.unlink(missing_ok=True)
+    shutil.rmtree(pipe.state, ignore_errors=True)
+    original = pipe.config.read_text()
+    try:
+        yield pipe
+    finally:
+        pipe.config.write_text(original)
+        get_config.cache_clear()
+
+
+def retune(inst: Installation, **changes: Any) -> None:
+    """``tune`` for a running installation whose config this process has loaded."""
+    tune(inst, **changes)
+    get_config.cache_clear()
+
+
+def run_case(case_dir: Path, workflow: str = "default_qa") -> Any:
+    """process_case in this process (as `mqi run` does); its final state."""
+    from flows.process_case import process_case
+
+    return process_case(case_dir=str(case_dir), workflow=workflow, return_state=True)
+
+
+def gpu_slots(inst: Installation) -> dict[str, int]:
+    """The installation's GPU concurrency limits and their active slots."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        limits = client.read_global_concurrency_limits(limit=100)
+    return {lim.name: lim.active_slots for lim in limits
+            if lim.name.startswith(get_config().gpu.concurrency_limit)}
+
+
+def alive(pid: int) -> bool:
+    found = procfs.stat(pid)
+    return found is not None and found.alive
