@@ -198,6 +198,8 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam) -> Si
                     logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
                                 beam.number, index)
                     continue
+                if pool.vanished(host, index, logger):
+                    continue  # the device went between choice and start: choose again
                 raise
             progress.finish()
             return SimulationOutcome(beam=beam.number, gpu=index, seconds=result.duration,

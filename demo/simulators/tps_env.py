@@ -71,12 +71,19 @@ def main() -> int:
             print(f"FATAL ERROR: {key} is missing from {path}", flush=True)
             return 1
     beam = values["BeamNumbers"]
+    state = _simctl.state_dir(control)
+    if gpu in control.get("vanish_on_start", ()) and state is not None:
+        # The device falls off the bus as we start: the driver lists it no more.
+        (state / f"gone{gpu}").write_text("")
+        _simctl.record(control, "tps_env", "vanished", beam=beam, gpu=gpu)
+    if state is not None and (state / f"gone{gpu}").exists():
+        print(f"FATAL ERROR: cudaSetDevice({gpu}): invalid device ordinal", flush=True)
+        return 1
     mode = control["fail"].get(str(beam))
     batches = int(control["batches"])
     _simctl.record(control, "tps_env", "start", beam=beam, gpu=gpu, input=str(path))
 
     lock = None
-    state = _simctl.state_dir(control)
     if state is not None:
         # Held open for the whole simulation: the kernel drops the lock when we exit.
         lock = open(state / f"gpu{gpu}.sim-lock", "w")  # noqa: SIM115

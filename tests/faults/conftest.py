@@ -101,7 +101,12 @@ def sim_starts(inst: Installation) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory, sshd) -> Iterator[Installation]:
     """One installation and its Prefect server for a module; flows run in this process."""
+    from blocks.factory import gpu_host, gpu_pool
+
     with serving(write_installation(tmp_path_factory.mktemp("mqi"), sshd)) as inst:
+        # The GPU limit, as `mqi up` makes it at its start.
+        with gpu_host(get_config()) as host:
+            gpu_pool(get_config()).ensure_limit(host)
         yield inst
 
 
@@ -145,3 +150,11 @@ def gpu_slots(inst: Installation) -> dict[str, int]:
 def alive(pid: int) -> bool:
     found = procfs.stat(pid)
     return found is not None and found.alive
+
+
+def events(api: str, prefix: str) -> list[dict[str, Any]]:
+    """Prefect events whose name starts with ``prefix`` (the last hour)."""
+    response = httpx.post(f"{api}/events/filter", timeout=10, json={
+        "filter": {"event": {"prefix": [prefix]}}, "limit": 50})
+    response.raise_for_status()
+    return response.json()["events"]
