@@ -176,14 +176,17 @@ def upload(host: SshSettings, local_dir: str | os.PathLike[str],
             if remote.get(part_name(rel)) != digest:
                 raise TransferError(
                     f"checksum mismatch after upload of {rel} to {host.address}:"
-                    f"{remote_dir}: sent {digest}, host has {remote.get(part_name(rel))}")
+                    f"{remote_dir}: sent {digest}, host has {remote.get(part_name(rel))}"
+                    # a pipelined write the host could not store fails no request
+                    f"{_remote_space(host, remote_dir, local, to_send)}")
             result.checksums[rel] = digest
             result.bytes += size
         for rel in to_send:
             sftp.posix_rename(f"{remote_dir}/{part_name(rel)}", f"{remote_dir}/{rel}")
         placed = True
     except OSError as exc:
-        raise TransferError(f"upload to {host.address}:{remote_dir} failed: {exc}") from exc
+        raise TransferError(f"upload to {host.address}:{remote_dir} failed: {exc}"
+                            f"{_remote_space(host, remote_dir, local, to_send)}") from exc
     finally:
         if verifier is not None:
             verifier.close()
@@ -213,7 +216,10 @@ def download(host: SshSettings, remote_dir: str,
                     lambda rel, part: _get_file(sftp, f"{remote_dir}/{rel}", part), result,
                     origin=lambda rel: f"{host.address}:{remote_dir}/{rel}", verb="downloaded")
     except OSError as exc:
-        raise TransferError(f"download from {host.address}:{remote_dir} failed: {exc}") from exc
+        # The local side's error names no file when a write fails (a full disk): say
+        # where it was going.
+        raise TransferError(f"download from {host.address}:{remote_dir} to {local_dir} "
+                            f"failed: {exc}") from exc
     finally:
         sftp.close()
     result.seconds = time.monotonic() - started
@@ -234,6 +240,25 @@ def write_file(host: SshSettings, remote_path: str, data: bytes) -> None:
         raise TransferError(f"cannot write {host.address}:{remote_path}: {exc}") from exc
     finally:
         sftp.close()
+
+
+def _remote_space(host: SshSettings, remote_dir: str, local: dict[str, FileEntry],
+                  to_send: list[str]) -> str:
+    """"; the host's disk is full ..." when the failed upload did not fit, else "".
+
+    OpenSSH's sftp-server says only "Failure" for a full disk (SFTP v3 has no
+    code for it): the free space at ``remote_dir`` tells what happened.
+    """
+    needed = sum(local[r].size for r in to_send if r in local)
+    try:
+        code, out, _ = exec_raw(host, f"df -Pk -- {shlex.quote(remote_dir)}", timeout=30)
+        free_kib = int(out.decode().splitlines()[-1].split()[3]) if code == 0 else None
+    except (HostError, ValueError, IndexError):
+        return ""  # the host is gone too, or df is not there: the error above stands
+    if free_kib is None or free_kib * 1024 >= needed:
+        return ""
+    return (f"; the host's disk is full: {free_kib} KiB free at {host.address}:{remote_dir}, "
+            f"{-(-needed // 1024)} KiB to write")
 
 
 def _remove_parts(host: SshSettings, remote_dir: str, relpaths: list[str]) -> None:

@@ -51,9 +51,12 @@ def up_inst(tmp_path: Path, sshd) -> Installation:
 
 
 def drop_case(inst: Installation, staging: Path, case_id: str, beams: int = 1,
-              seed: int = 1) -> Path:
-    """A complete case moved into the scan root with its ready marker."""
+              seed: int = 1, inflate: int = 1) -> Path:
+    """A complete case moved into the scan root with its ready marker (its spot logs
+    ``inflate`` times as long, for a case of some MB)."""
     staged = write_case(staging, case_id, beams=beams, layers=2, spots_per_layer=50, seed=seed)
+    for ptn in staged.rglob("*.ptn"):
+        ptn.write_bytes(ptn.read_bytes() * inflate)
     target = inst.scan_root / case_id
     os.replace(staged, target)
     (target / "_CASE_READY").write_text("")
