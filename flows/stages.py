@@ -38,6 +38,7 @@ from flows.case_inspection import Beam, CaseInfo, inspect_case
 from flows.layout import remote_layout, results_dir
 from flows.moqui_input import render_simulation
 from flows.naming import report_artifact_key, simulation_task_run_name
+from flows.orphans import end_earlier_simulation
 from flows.outcomes import (
     DownloadOutcome,
     SimulationOutcome,
@@ -176,6 +177,7 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam) -> Si
     layout = remote_layout(cfg, case_id, flow_run_id)
     host = flow_host(cfg)
     pool = flow_pool(cfg)
+    end_earlier_simulation(host, layout, beam.number, logger)
     waited_from = time.monotonic()
     with pool.admission(logger):
         for attempt in itertools.count():

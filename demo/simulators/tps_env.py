@@ -131,6 +131,8 @@ def main() -> int:
             print(f"Total execution time: {time.monotonic() - started:.2f} seconds", flush=True)
         return 0
     finally:
+        # However it ends (success, failure, SIGTERM, a broken output pipe): when.
+        _simctl.record(control, "tps_env", "exit", beam=beam, gpu=gpu)
         if state is not None:
             (state / f"gpu{gpu}.busy").unlink(missing_ok=True)
         if lock is not None:

@@ -13,7 +13,7 @@ import pytest
 
 from blocks.manifest import PART_SUFFIX, sha256_file
 from demo.synthetic_case import write_case
-from tests.faults.conftest import retune, run_case, sim_starts
+from tests.faults.conftest import alive, gpu_slots, retune, run_case, sim_starts
 from tests.support.pipeline import Installation
 from tests.support.sshd import SshServer
 
@@ -107,3 +107,48 @@ def test_sshd_stopped_mid_upload_and_back_10_s_later_the_upload_completes_once(
     assert upload.run_count >= 2  # the cut hit the upload, which was tried again
     print(f"\nsshd cut mid-upload: case completed {recovered:.1f} s after the cut "
           f"(sshd back after 10 s), upload tried {upload.run_count} times")
+
+
+def test_network_cut_during_a_simulation_never_runs_the_beam_twice_at_once(
+        fresh_pipe: Installation, link: SshServer):
+    inst = fresh_pipe
+    retune(inst, retries={"steps": {"run_moqui_sim": {"retries": 2, "retry_delay_seconds": 1}}})
+    # A line every 5 s: cut off, the simulation notices (a broken pipe) only at its next
+    # line, seconds after the stage has given up and its retry has begun.
+    inst.set_control(duration=10.0, batches=2)
+    case = write_case(inst.scan_root, "fault-netcut", beams=1, layers=2, spots_per_layer=50,
+                      seed=12)
+    result: dict[str, object] = {}
+    runner = threading.Thread(target=contextvars.copy_context().run,
+                              args=(lambda: result.update(state=run_case(case)),), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not [e for e in inst.events("tps_env") if e["event"] == "start"]:
+        assert time.monotonic() < deadline, "the simulation never started"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    link.cut()
+    cut_at = time.monotonic()
+    time.sleep(1.0)
+    link.restart()
+    runner.join(240)
+    assert not runner.is_alive(), "the case did not end"
+    state = result["state"]
+    took = time.monotonic() - cut_at
+    # never two simulations of the beam at once: each one's start..exit (the simulator
+    # records its exit however it ends) is apart from every other's
+    sims = inst.events("tps_env")
+    print("\nnetcut:", [(e["event"], e["pid"], round(e["t"] - sims[0]["t"], 1)) for e in sims])
+    print("state:", state.type, state.message)  # type: ignore[attr-defined]
+    exits = {e["pid"]: e["t"] for e in sims if e["event"] == "exit"}
+    spans = sorted((e["t"], exits.get(e["pid"], float("inf")), e["pid"])
+                   for e in sims if e["event"] == "start")
+    for (_s1, e1, p1), (s2, _e2, p2) in zip(spans, spans[1:], strict=False):
+        assert e1 <= s2, f"simulation {p2} started while {p1} still ran"
+    assert not alive_any(p for _s, _e, p in spans)
+    assert all(v == 0 for v in gpu_slots(inst).values())
+    print(f"network cut: case {state.type} {took:.1f} s after the cut")  # type: ignore[attr-defined]
+
+
+def alive_any(pids: object) -> bool:
+    return any(alive(p) for p in pids)  # type: ignore[attr-defined]
