@@ -169,6 +169,9 @@ def serving(installation: Installation) -> Iterator[Installation]:
 
     cfg = load_config(installation.config)
     proc = server.start_server(cfg, installation.root / "server.log")
+    # Prefect's events worker is one per process, bound to the API it first saw: drained
+    # here, the next event starts one bound to this server.
+    _drain_events()
     previous = os.environ.get("MQI_CONFIG_PATH")
     os.environ["MQI_CONFIG_PATH"] = str(installation.config)
     get_config.cache_clear()
@@ -187,9 +190,16 @@ def serving(installation: Installation) -> Iterator[Installation]:
 
         try:
             APILogHandler().flush()  # ship queued run logs before the server goes away
+            _drain_events()
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
+
+
+def _drain_events() -> None:
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=10)
 
 
 def simulator(tool: str) -> str:
