@@ -25,7 +25,7 @@ from tests.support.pipeline import Installation, stop, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-OUTAGE = 15.0
+OUTAGE = 8.0
 """How long the API is unreachable. The sensor asks again every 2 s for as long as it
 takes (deployments/sensor.py RETRY_START_EVERY): the length changes nothing but the wait."""
 
@@ -50,7 +50,7 @@ def finished(api: str, cases: list[str]) -> bool:
 def test_server_killed_under_three_cases_then_unreachable_while_two_arrive(
         up_inst: Installation, tmp_path):
     inst, api = up_inst, up_inst.api_url
-    inst.set_control(duration=3.0, batches=3)
+    inst.set_control(duration=2.0, batches=2)
     up = inst.start_up()
     try:
         # 3: kill -9 of the server while three cases run

@@ -69,12 +69,12 @@ def test_a_failing_or_hanging_nvidia_smi_makes_the_beam_wait_not_fail(
         fresh_pipe: Installation, mode: str):
     inst = fresh_pipe
     retune(inst, gpu={"query_timeout_seconds": 2.0})
-    inst.set_control(duration=0.5, batches=2, smi_fail={"mode": mode, "times": 2})
+    inst.set_control(duration=0.5, batches=2, smi_fail={"mode": mode, "times": 1})
     case = write_case(inst.scan_root, f"fault-smi-{mode}", beams=1, layers=2,
                       spots_per_layer=50, seed=9)
     state = run_case(case)
     assert state.is_completed(), state.message
-    assert len(inst.events("nvidia-smi")) == 2  # it failed twice, then answered
+    assert len(inst.events("nvidia-smi")) == 1  # it failed once, then answered
     why = "timed out after 2 s" if mode == "hang" else "exit code 9"
     wait_for(lambda: [e for e in events(inst.api_url, "mqi.gpu.query-failed")
                       if why in e["payload"]["reason"]], 15,
