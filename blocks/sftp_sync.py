@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 
 import paramiko
 
-from blocks.errors import HostError, TransferError
+from blocks.errors import HostConnectError, HostError, TransferError
 from blocks.manifest import (
     PART_SUFFIX,
     FileEntry,
@@ -184,6 +184,9 @@ def upload(host: SshSettings, local_dir: str | os.PathLike[str],
         for rel in to_send:
             sftp.posix_rename(f"{remote_dir}/{part_name(rel)}", f"{remote_dir}/{rel}")
         placed = True
+    except (paramiko.SSHException, EOFError) as exc:  # the link went mid-way
+        raise HostConnectError(f"upload to {host.address}:{remote_dir}: the connection was "
+                               f"lost ({type(exc).__name__}: {exc})") from exc
     except OSError as exc:
         raise TransferError(f"upload to {host.address}:{remote_dir} failed: {exc}"
                             f"{_remote_space(host, remote_dir, local, to_send)}") from exc
@@ -215,6 +218,9 @@ def download(host: SshSettings, remote_dir: str,
         place_files(expected, local_dir,
                     lambda rel, part: _get_file(sftp, f"{remote_dir}/{rel}", part), result,
                     origin=lambda rel: f"{host.address}:{remote_dir}/{rel}", verb="downloaded")
+    except (paramiko.SSHException, EOFError) as exc:  # the link went mid-way
+        raise HostConnectError(f"download from {host.address}:{remote_dir}: the connection "
+                               f"was lost ({type(exc).__name__}: {exc})") from exc
     except OSError as exc:
         # The local side's error names no file when a write fails (a full disk): say
         # where it was going.
