@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl
 
+from blocks.errors import HostError
 from blocks.host import Host
 
 log = logging.getLogger("mqi.gpu_pool")
@@ -206,6 +207,10 @@ class GpuPool(Block):
         default=3600.0, gt=0,
         description="Longest an admitted simulation waits for a usable, unlocked GPU before "
                     "its stage fails (and is retried per its policy).")
+    query_timeout_seconds: float = Field(
+        default=30.0, gt=0,
+        description="A look at the GPUs (nvidia-smi) that has not answered in this long is "
+                    "killed; a beam choosing a GPU waits and looks again.")
 
     def read(self, host: Host) -> tuple[list[GpuInfo], list[ComputeApp]]:
         """Read the host's GPUs and compute processes."""
@@ -351,7 +356,7 @@ class GpuPool(Block):
                   f"printf '%s\\n{_APPS}\\n%s\\n{_LOCKS}\\n' \"$q\" \"$a\"; "
                   f"for f in {locks}/gpu-*.lock; do "
                   f'[ -e "$f" ] && ! flock -n "$f" true && echo "${{f##*/}}"; done; true')
-        out = host.run(script, stream=False, timeout=60).stdout
+        out = host.run(script, stream=False, timeout=self.query_timeout_seconds).stdout
         query, _, rest = out.partition(f"{_APPS}\n")
         apps_text, _, locked_text = rest.partition(f"{_LOCKS}\n")
         locked = {int(m.group(1)) for m in re.finditer(r"gpu-(\d+)\.lock", locked_text)}
@@ -366,8 +371,25 @@ class GpuPool(Block):
         lost race costs a lock refusal and another look.
         """
         said = started = time.monotonic()
+        failing: str | None = None
         while True:
-            gpus, apps, locked = self.snapshot(host)
+            try:
+                gpus, apps, locked = self.snapshot(host)
+            except (HostError, GpuQueryError) as exc:
+                # nvidia-smi failed or hung (killed at query_timeout_seconds), the driver
+                # is reloading, the host is away: no GPU can be known free now; wait and
+                # look again, as when all are busy.
+                gpus, apps, locked = [], [], set()
+                reason = str(exc).splitlines()[0][:300]
+                if failing is None:
+                    gpu_warning(logger, "mqi.gpu.query-failed",
+                                f"reading the GPUs of {host.address} failed ({reason}); "
+                                f"waiting and reading again", host=host.address, reason=reason)
+                failing = reason
+            else:
+                if failing is not None:
+                    logger.info("reading the GPUs of %s works again", host.address)
+                failing = None
             candidates = [g.index for g in self.usable(gpus, apps) if g.index not in locked]
             if candidates:
                 return candidates[spread % len(candidates)]
@@ -383,6 +405,23 @@ class GpuPool(Block):
                             len(gpus) - len(self.usable(gpus, apps)), self.min_free_memory_mib)
             time.sleep(self.poll_seconds)
 
+    def vanished(self, host: Host, index: int,
+                 logger: logging.Logger | logging.LoggerAdapter) -> bool:
+        """Whether GPU ``index`` is gone from the host (a failed simulation asks: the
+        device fell off the bus, or was taken out, between choice and start). Says so
+        as a warning and an ``mqi.gpu.vanished`` event; False when the host cannot be
+        read (the stage's failure stands)."""
+        try:
+            gpus, _, _ = self.snapshot(host)
+        except (HostError, GpuQueryError):
+            return False
+        if any(g.index == index for g in gpus):
+            return False
+        gpu_warning(logger, "mqi.gpu.vanished",
+                    f"GPU {index} is no longer listed by {host.address}; choosing another",
+                    host=host.address, gpu=index)
+        return True
+
     def locked_command(self, index: int, command: str) -> str:
         """``command`` wrapped so it runs only while holding GPU ``index``'s lock file on the
         host; exits LOCK_BUSY_EXIT at once if another process holds it."""
@@ -391,3 +430,17 @@ class GpuPool(Block):
         return (f"mkdir -p {lock_dir} && exec flock -n -E {LOCK_BUSY_EXIT} {lock} "
                 f"sh -c {shlex.quote(command)}")
 
+
+
+def gpu_warning(logger: logging.Logger | logging.LoggerAdapter, event: str, message: str,
+                **payload: object) -> None:
+    """A warning in the run's log and the same as a Prefect event (automations, the UI)."""
+    logger.warning("%s", message)
+    try:
+        from prefect.events import emit_event
+
+        resource = {"prefect.resource.id": f"mqi.gpu-host.{payload.get('host', '')}"}
+        emit_event(event=event, resource=resource,
+                   payload={"message": message, **{k: str(v) for k, v in payload.items()}})
+    except Exception as exc:  # noqa: BLE001 - an event is a courtesy, never a crash
+        logger.debug("could not emit %s: %s", event, exc)

@@ -157,7 +157,13 @@ def _pump(channel: paramiko.Channel, out: OutputCollector,
             exited_at = exited_at or time.monotonic()
             if channel.eof_received or channel.closed \
                     or time.monotonic() - exited_at > EOF_GRACE_SECONDS:
-                return channel.recv_exit_status()
+                code = channel.recv_exit_status()
+                live = channel.get_transport()
+                if code == -1 and (live is None or not live.is_active()):
+                    # paramiko's "no status": the link went, the command may still run.
+                    raise HostConnectError("the connection to the host was lost while the "
+                                           "command ran; its outcome is not known here")
+                return code
         if deadline is not None and time.monotonic() > deadline:
             return None
         if not busy:

@@ -7,17 +7,18 @@ written under a temporary part name, verified, and only then renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shlex
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import paramiko
 
-from blocks.errors import HostError, TransferError
+from blocks.errors import HostConnectError, HostError, TransferError
 from blocks.manifest import (
     PART_SUFFIX,
     FileEntry,
@@ -175,14 +176,20 @@ def upload(host: SshSettings, local_dir: str | os.PathLike[str],
             if remote.get(part_name(rel)) != digest:
                 raise TransferError(
                     f"checksum mismatch after upload of {rel} to {host.address}:"
-                    f"{remote_dir}: sent {digest}, host has {remote.get(part_name(rel))}")
+                    f"{remote_dir}: sent {digest}, host has {remote.get(part_name(rel))}"
+                    # a pipelined write the host could not store fails no request
+                    f"{_remote_space(host, remote_dir, local, to_send)}")
             result.checksums[rel] = digest
             result.bytes += size
         for rel in to_send:
             sftp.posix_rename(f"{remote_dir}/{part_name(rel)}", f"{remote_dir}/{rel}")
         placed = True
+    except (paramiko.SSHException, EOFError) as exc:  # the link went mid-way
+        raise HostConnectError(f"upload to {host.address}:{remote_dir}: the connection was "
+                               f"lost ({type(exc).__name__}: {exc})") from exc
     except OSError as exc:
-        raise TransferError(f"upload to {host.address}:{remote_dir} failed: {exc}") from exc
+        raise TransferError(f"upload to {host.address}:{remote_dir} failed: {exc}"
+                            f"{_remote_space(host, remote_dir, local, to_send)}") from exc
     finally:
         if verifier is not None:
             verifier.close()
@@ -211,8 +218,14 @@ def download(host: SshSettings, remote_dir: str,
         place_files(expected, local_dir,
                     lambda rel, part: _get_file(sftp, f"{remote_dir}/{rel}", part), result,
                     origin=lambda rel: f"{host.address}:{remote_dir}/{rel}", verb="downloaded")
+    except (paramiko.SSHException, EOFError) as exc:  # the link went mid-way
+        raise HostConnectError(f"download from {host.address}:{remote_dir}: the connection "
+                               f"was lost ({type(exc).__name__}: {exc})") from exc
     except OSError as exc:
-        raise TransferError(f"download from {host.address}:{remote_dir} failed: {exc}") from exc
+        # The local side's error names no file when a write fails (a full disk): say
+        # where it was going.
+        raise TransferError(f"download from {host.address}:{remote_dir} to {local_dir} "
+                            f"failed: {exc}") from exc
     finally:
         sftp.close()
     result.seconds = time.monotonic() - started
@@ -235,6 +248,25 @@ def write_file(host: SshSettings, remote_path: str, data: bytes) -> None:
         sftp.close()
 
 
+def _remote_space(host: SshSettings, remote_dir: str, local: dict[str, FileEntry],
+                  to_send: list[str]) -> str:
+    """"; the host's disk is full ..." when the failed upload did not fit, else "".
+
+    OpenSSH's sftp-server says only "Failure" for a full disk (SFTP v3 has no
+    code for it): the free space at ``remote_dir`` tells what happened.
+    """
+    needed = sum(local[r].size for r in to_send if r in local)
+    try:
+        code, out, _ = exec_raw(host, f"df -Pk -- {shlex.quote(remote_dir)}", timeout=30)
+        free_kib = int(out.decode().splitlines()[-1].split()[3]) if code == 0 else None
+    except (HostError, ValueError, IndexError):
+        return ""  # the host is gone too, or df is not there: the error above stands
+    if free_kib is None or free_kib * 1024 >= needed:
+        return ""
+    return (f"; the host's disk is full: {free_kib} KiB free at {host.address}:{remote_dir}, "
+            f"{-(-needed // 1024)} KiB to write")
+
+
 def _remove_parts(host: SshSettings, remote_dir: str, relpaths: list[str]) -> None:
     names = b"".join(b"./" + part_name(r).encode("utf-8", "surrogateescape") + b"\0"
                      for r in relpaths)
@@ -249,7 +281,7 @@ def _put_file(sftp: paramiko.SFTPClient, local_path: str, remote_path: str) -> t
     """Write one file with pipelined large requests; return digest and size of what was sent."""
     digest = hashlib.sha256()
     size = 0
-    with open(local_path, "rb") as src, sftp.open(remote_path, "wb") as dst:
+    with open(local_path, "rb") as src, _closing(sftp.open(remote_path, "wb")) as dst:
         dst.set_pipelined(True)
         dst.MAX_REQUEST_SIZE = SFTP_REQUEST_SIZE
         while chunk := src.read(4 * 1024 * 1024):
@@ -263,7 +295,7 @@ def _get_file(sftp: paramiko.SFTPClient, remote_path: str, local_path: str) -> t
     """Read one file with prefetching; return digest and size of what was received."""
     digest = hashlib.sha256()
     size = 0
-    with sftp.open(remote_path, "rb") as src, open(local_path, "wb") as dst:
+    with _closing(sftp.open(remote_path, "rb")) as src, open(local_path, "wb") as dst:
         file_size = src.stat().st_size
         src.MAX_REQUEST_SIZE = SFTP_REQUEST_SIZE
         src.prefetch(file_size)
@@ -272,3 +304,22 @@ def _get_file(sftp: paramiko.SFTPClient, remote_path: str, local_path: str) -> t
             size += len(chunk)
             dst.write(chunk)
     return digest.hexdigest(), size
+
+
+@contextlib.contextmanager
+def _closing(remote: paramiko.SFTPFile) -> Iterator[paramiko.SFTPFile]:
+    """A remote file closed on the way out, whose close never hides why we left.
+
+    A signal (SIGTERM of `mqi up`: Prefect's TerminationSignal) or an error raised
+    in the middle of an SFTP read leaves the session mid-packet; closing the file
+    then fails too ("Garbage packet received"), and that error would replace the
+    real one: an interrupted download would end as a failed case instead of an
+    interrupted one that the next start resumes.
+    """
+    try:
+        yield remote
+    except BaseException:
+        with contextlib.suppress(Exception):
+            remote.close()
+        raise
+    remote.close()

@@ -177,6 +177,7 @@ class GpuSettings(Section):
     poll_seconds: PositiveSeconds = 2.0
     max_slot_wait_seconds: PositiveSeconds = 1.0
     max_wait_seconds: PositiveSeconds = 3600.0
+    query_timeout_seconds: PositiveSeconds = 30.0
 
 
 class RestartPolicy(Section):

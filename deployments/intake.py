@@ -89,6 +89,9 @@ class Candidate:
     recheck: bool = False  # a rescan asks: did the listing change without an event?
     quick: bool = False
     """Found by a rescan, no write seen since: a started folder's directories suffice."""
+    listing: str | None = None
+    listing_since: float = 0.0
+    """The listing last looked at, and since when (sensor clock) it has been the same."""
 
     def judged(self, now: float, relist_every: float) -> bool:
         """True while the last verdict stands without a look: no event since, no rescan

@@ -309,9 +309,7 @@ class CaseSensor:
             # Complete and judged: its run waits for the case's active run, or the API.
             return self._start(cand, case_dir, case_id, verdict.key, signature, marker)
         if verdict is None or verdict.seen != seen:  # new content
-            if not marker and min(self.clock() - event_at,
-                                  time.time() - signature.newest_ns / 1e9) \
-                    < scanner.stability_seconds:
+            if not marker and self._quiet_for(cand, signature) < scanner.stability_seconds:
                 self._set(name, IntakeState.ARRIVING, "files are still being written")
                 return False
             state, said = self._judge(case_dir, case_id, marker, ignore)
@@ -329,6 +327,22 @@ class CaseSensor:
         cand.recheck = False
         self._warn_if_long(cand)
         return False
+
+    def _quiet_for(self, cand: Candidate, signature: Signature) -> float:
+        """Seconds the folder has been quiet, on the sensor's (monotonic) clock.
+
+        A write event is timed on that clock, so a wall-clock jump cannot move it. A
+        file's mtime is wall time: its age tells how long a folder found by a scan
+        (no event yet) has been quiet, but only while it is not in the future. A file
+        dated ahead (the clock was set back, or the share's clock runs ahead) says
+        nothing; then the time this very listing has been seen unchanged counts.
+        """
+        if cand.listing != signature.listing:
+            cand.listing, cand.listing_since = signature.listing, self.clock()
+        age = time.time() - signature.newest_ns / 1e9
+        if age < 0:
+            age = self.clock() - cand.listing_since
+        return min(self.clock() - cand.last_event, age)
 
     def _keep_shape(self, entry: IntakeEntry, case_dir: Path) -> None:
         """Remember the started folder's directory shape as it is now (same files)."""

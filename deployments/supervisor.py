@@ -2,9 +2,9 @@
 
 A child that dies is restarted with exponential backoff up to
 ``processes.restart.max_restarts`` times; past that the supervisor gives up
-with the reason. Stopping sends SIGTERM to every child's process group and to
-every descendant (flow-run processes run in sessions of their own), then
-SIGKILL to whatever is left after a grace period: nothing is left behind.
+with the reason. Stopping sends SIGTERM to every descendant, the deepest first
+(flow-run processes, then serve), the Prefect server last, and SIGKILL to
+whatever is left after a grace period: nothing is left behind.
 Children are also told by the kernel (PR_SET_PDEATHSIG) to stop when the
 supervisor itself dies, even by SIGKILL.
 """
@@ -81,6 +81,9 @@ class Child:
     # waits for that, so "mqi up is up" means cases are picked up from then on.
     ready_file: Path | None = None
     ready_timeout: float = 90.0
+    # Stopped after every other child (the Prefect server: the others report to it
+    # while they stop).
+    stop_last: bool = False
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
 
@@ -159,33 +162,92 @@ class Supervisor:
         return None
 
     def stop_all(self, grace: float = 20.0) -> None:
-        """SIGTERM every child and its descendants (last started first), then SIGKILL."""
-        targets: list[int] = []
-        for child in reversed(self.children):
-            if child.proc is None:
-                continue
-            targets += [child.proc.pid, *descendants(child.proc.pid)]
-            if child.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.proc.pid, signal.SIGTERM)
-        for pid in targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
+        """Stop every child and its descendants: the deepest first, the API last.
+
+        Order matters. A flow run stopped while serve and the Prefect server are still
+        there records its own end (Crashed: resumed by the next `mqi up`), kills its
+        remote processes and ships its logs, then exits. Signalled all at once, the
+        forkserver it was forked from dies first and serve takes the run for dead
+        (exit 255) while it still runs, and with the server gone the run retries a
+        dead API until it is SIGKILLed, leaving tracebacks in every log. So each child
+        marked ``stop_last`` (the server) is stopped after the others, and within the
+        others each depth of the process tree, deepest first, is SIGTERMed and waited
+        for (up to ``grace`` for the others, ``grace`` again for the last). A process
+        that ignores SIGTERM (multiprocessing's resource tracker: it ends when its
+        users do) is not waited for in its wave; whatever still lives at the end is
+        SIGKILLed, with a warning.
+        """
+        for last in (False, True):
+            wave = [c for c in reversed(self.children)
+                    if c.proc is not None and c.stop_last == last]
+            if wave:
+                self._stop_wave(wave, time.monotonic() + grace)
         for child in self.children:
-            if child.proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.proc.wait(max(0.1, deadline - time.monotonic()))
-        while time.monotonic() < deadline and any(_alive(p) for p in targets):
-            time.sleep(0.1)
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.wait(5)
+
+    def _stop_wave(self, wave: list[Child], deadline: float) -> None:
+        levels: list[list[int]] = []  # depth below the child -> pids
+        for child in wave:
+            assert child.proc is not None
+            for depth, pids in enumerate(_levels(child.proc.pid)):
+                if depth >= len(levels):
+                    levels.append([])
+                levels[depth] += pids
+        targets = [p for pids in levels for p in pids]
+        for depth in range(len(levels) - 1, -1, -1):
+            for pid in levels[depth]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            if depth == 0:  # and whatever else is in the children's own groups
+                for child in wave:
+                    assert child.proc is not None
+                    if child.proc.poll() is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(child.proc.pid, signal.SIGTERM)
+            for child in wave:  # reap the children as they go
+                if child.proc is not None:
+                    child.proc.poll()
+            while time.monotonic() < deadline and any(
+                    _alive(p) and not _ignores_sigterm(p) for p in levels[depth]):
+                time.sleep(0.05)
+                for child in wave:
+                    if child.proc is not None:
+                        child.proc.poll()
+        # What ignored SIGTERM usually ends once its users have: a moment for that.
+        settle = min(deadline, time.monotonic() + 2.0)
+        while time.monotonic() < settle and any(_alive(p) for p in targets):
+            time.sleep(0.05)
         for pid in targets:
             if _alive(pid):
                 log.warning("process %d ignored SIGTERM; killing it", pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        for child in self.children:
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.wait(5)
+
+
+def _levels(pid: int) -> list[list[int]]:
+    """``pid`` and its live descendants by depth: [[pid], [children], [grandchildren], ...]."""
+    children: dict[int, list[int]] = {}
+    for proc in procfs.all_stats():
+        if proc.alive:
+            children.setdefault(proc.ppid, []).append(proc.pid)
+    levels, current = [], [pid]
+    while current:
+        levels.append(current)
+        current = [c for p in current for c in children.get(p, [])]
+    return levels
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether ``pid`` has SIGTERM ignored (SigIgn in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -72,7 +72,7 @@ def children(cfg: MqiConfig, config_file: Path) -> list[Child]:
             "server", [py, "-m", "prefect", "server", "start", "--host",
                        cfg.prefect.server_host, "--port", str(cfg.prefect.server_port)],
             {**common, **server.server_env(cfg)}, logs / "server.log",
-            ready=lambda: server.is_healthy(api)))
+            ready=lambda: server.is_healthy(api), stop_last=True))
     run = Path(cfg.paths.data_dir) / "run"
     if "serve" in wanted:
         out.append(Child("serve", [py, "-m", "deployments.serve"], common, logs / "serve.log",

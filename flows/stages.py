@@ -37,6 +37,7 @@ from flows.dose_qa import DoseQaOutcome
 from flows.layout import remote_layout, results_dir
 from flows.moqui_input import render_simulation
 from flows.naming import simulation_task_run_name
+from flows.orphans import end_earlier_simulation
 from flows.outcomes import (
     DownloadOutcome,
     SimulationOutcome,
@@ -176,6 +177,7 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam) -> Si
     layout = remote_layout(cfg, case_id, flow_run_id)
     host = flow_host(cfg)
     pool = flow_pool(cfg)
+    end_earlier_simulation(host, layout, beam.number, logger)
     waited_from = time.monotonic()
     with pool.admission(logger):
         for attempt in itertools.count():
@@ -198,6 +200,8 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam) -> Si
                     logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
                                 beam.number, index)
                     continue
+                if pool.vanished(host, index, logger):
+                    continue  # the device went between choice and start: choose again
                 progress.finish(failed=True)
                 raise
             progress.finish()

@@ -17,9 +17,8 @@ import pydicom
 import pytest
 import yaml
 
-from config import get_config, load_config
+from config import get_config
 from demo.synthetic_case import BROKEN_KINDS, write_case
-from deployments import server
 from flows.naming import (
     SIMULATION_TASK,
     gpu_tag,
@@ -28,7 +27,7 @@ from flows.naming import (
     short_run_id,
 )
 from tests.support.patients import patient_ids
-from tests.support.pipeline import REPO, Installation, wait_for, write_installation
+from tests.support.pipeline import REPO, Installation, serving, wait_for, write_installation
 
 pytestmark = pytest.mark.integration
 
@@ -36,32 +35,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def inst(tmp_path_factory: pytest.TempPathFactory, sshd) -> Iterator[Installation]:
     """One installation and its Prefect server for the whole module."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
-    installation = write_installation(tmp_path_factory.mktemp("mqi"), sshd)
-    cfg = load_config(installation.config)
-    proc = server.start_server(cfg, installation.root / "server.log")
-    previous = os.environ.get("MQI_CONFIG_PATH")
-    os.environ["MQI_CONFIG_PATH"] = str(installation.config)
-    get_config.cache_clear()
-    try:
-        with temporary_settings(updates={
-                PREFECT_API_URL: installation.api_url,
-                PREFECT_LOCAL_STORAGE_PATH: server.prefect_home(cfg) / "storage"}):
-            yield installation
-    finally:
-        if previous is None:
-            os.environ.pop("MQI_CONFIG_PATH", None)
-        else:
-            os.environ["MQI_CONFIG_PATH"] = previous
-        get_config.cache_clear()
-        from prefect.logging.handlers import APILogHandler
-
-        try:
-            APILogHandler().flush()  # ship queued run logs before the server goes away
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+    with serving(write_installation(tmp_path_factory.mktemp("mqi"), sshd)) as installation:
+        yield installation
 
 
 @pytest.fixture
@@ -106,7 +81,7 @@ def case_report(flow_run_id, case_id: str):
     return report
 
 
-STAGE_NAME = re.compile(r"inspect|upload|run_interpreter|download|verify|report|"
+STAGE_NAME = re.compile(r"inspect|upload|run_interpreter|download|verify|compare_dose|report|"
                         r"convert_to_dicom-beam\d+|" + SIMULATION_TASK.pattern)
 
 

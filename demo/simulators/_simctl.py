@@ -8,7 +8,10 @@ A test (or the demo) steers a simulator with a JSON control file, named by
      "gpus": 2,                how many GPUs exist (tps_env rejects a GPUID beyond)
      "fail": {"3": "fatal"},   beam -> fatal | segfault | hang | no_success | error_line
      "record": "/x/sim.jsonl", where every simulator appends what it did
-     "state_dir": "/x/state"}  busy markers shared by tps_env and nvidia-smi
+     "state_dir": "/x/state",  busy markers shared by tps_env and nvidia-smi
+     "dose_padding_mb": 0,     raw2dicom: MB of private padding per RT Dose (big files)
+     "vanish_on_start": [1],   tps_env: these GPUs fall off the bus as a simulation starts
+     "smi_fail": {"mode": "error", "times": 2}}  nvidia-smi fails (or hangs) N times
 
 Every simulator says SIMULATED in its output.
 """

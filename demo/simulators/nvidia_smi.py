@@ -10,7 +10,10 @@ for somebody else's process on GPU N. The GPU name says SIMULATED.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
+import time
 
 from demo.simulators import _simctl
 
@@ -57,6 +60,28 @@ def render(fields: list[str], rows: list[dict[str, str]], fmt: set[str]) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def _failure(control: dict) -> str | None:
+    """``smi_fail`` of the control ({"mode": "error" | "hang", "times": N}): the mode for
+    this call while fewer than N calls have failed (counted in the state dir)."""
+    spec = control.get("smi_fail") or {}
+    state = _simctl.state_dir(control)
+    if not spec or state is None:
+        return None
+    counter = state / "smi-failures"
+    fd = os.open(counter, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        done = int(os.read(fd, 32) or b"0")
+        if done >= int(spec.get("times", 1)):
+            return None
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, str(done + 1).encode())
+    finally:
+        os.close(fd)
+    _simctl.record(control, "nvidia-smi", spec["mode"])
+    return str(spec["mode"])
+
+
 def main() -> int:
     parser = _simctl.arguments("nvidia-smi")
     parser.add_argument("--gpus", type=int)
@@ -65,12 +90,22 @@ def main() -> int:
     parser.add_argument("--format", default="csv")
     args = parser.parse_args()
     control = _simctl.load(args.control)
+    failure = _failure(control)
+    if failure == "error":
+        print("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+              "Make sure that the latest NVIDIA driver is installed and running.", flush=True)
+        return 9
+    if failure == "hang":
+        while True:
+            time.sleep(3600)
     count = args.gpus if args.gpus is not None else int(control["gpus"])
     fmt = set(args.format.split(",")[1:])
     state = _simctl.state_dir(control)
     busy = {}
     foreign = {}
-    for i in range(count):
+    # A GPU that fell off the bus (tps_env's vanish_on_start) is not listed any more.
+    present = [i for i in range(count) if state is None or not (state / f"gone{i}").exists()]
+    for i in present:
         marker = state / f"gpu{i}.busy" if state else None
         if marker is not None and marker.exists():
             busy[i] = marker.read_text().strip() or "0"
@@ -78,7 +113,7 @@ def main() -> int:
             foreign[i] = (state / f"foreign{i}").read_text().strip() or "4242"
     if args.query_gpu:
         fields = args.query_gpu.split(",")
-        rows = [gpu_row(i, i in busy or i in foreign) for i in range(count)]
+        rows = [gpu_row(i, i in busy or i in foreign) for i in present]
     elif args.query_compute_apps:
         fields = args.query_compute_apps.split(",")
         rows = [{"pid": pid, "process_name": "python3", "gpu_uuid": uuid(i),

@@ -8,13 +8,14 @@ SIMULATED in its series description and manufacturer.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from demo.simulators import _simctl
 
 
-def write_dose(raw: Path, geometry: dict, out: Path) -> Path:
+def write_dose(raw: Path, geometry: dict, out: Path, padding_mb: float = 0) -> Path:
     import numpy as np
 
     from demo.dose_model import Grid, rt_dose
@@ -24,6 +25,10 @@ def write_dose(raw: Path, geometry: dict, out: Path) -> Path:
     grid = Grid(shape=shape, spacing=tuple(geometry["spacing_mm"]),
                 origin=tuple(geometry.get("origin_mm", (0.0, 0.0, 0.0))))
     ds = rt_dose(dose, grid, description=f"SIMULATED MOQUI dose, beam {geometry['beam']}")
+    if padding_mb:
+        # A dose file as big as a real one (tens of MB), for tests of long downloads.
+        block = ds.private_block(0x0009, "MQI SIMULATED PADDING", create=True)
+        block.add_new(0x01, "OB", os.urandom(int(padding_mb * 1024 * 1024)))
     target = out / f"RTDOSE_beam{geometry['beam']}.dcm"
     ds.save_as(target, enforce_file_format=True)
     return target
@@ -47,7 +52,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for raw in raws:
         geometry = json.loads(raw.with_suffix(".json").read_text())
-        print(f"wrote {write_dose(raw, geometry, out).name}", flush=True)
+        dose = write_dose(raw, geometry, out, float(control.get("dose_padding_mb", 0)))
+        print(f"wrote {dose.name}", flush=True)
     _simctl.record(control, "raw2dicom", "end", input=args.input)
     return 0
 

@@ -15,12 +15,15 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from demo.simulators import _simctl
 
+HANGING_HELPER = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "time.sleep(3600)")
 
 def parse_input(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
@@ -65,12 +68,19 @@ def main() -> int:
             print(f"FATAL ERROR: {key} is missing from {path}", flush=True)
             return 1
     beam = values["BeamNumbers"]
+    state = _simctl.state_dir(control)
+    if gpu in control.get("vanish_on_start", ()) and state is not None:
+        # The device falls off the bus as we start: the driver lists it no more.
+        (state / f"gone{gpu}").write_text("")
+        _simctl.record(control, "tps_env", "vanished", beam=beam, gpu=gpu)
+    if state is not None and (state / f"gone{gpu}").exists():
+        print(f"FATAL ERROR: cudaSetDevice({gpu}): invalid device ordinal", flush=True)
+        return 1
     mode = control["fail"].get(str(beam))
     batches = int(control["batches"])
     _simctl.record(control, "tps_env", "start", beam=beam, gpu=gpu, input=str(path))
 
     lock = None
-    state = _simctl.state_dir(control)
     if state is not None:
         # Held open for the whole simulation: the kernel drops the lock when we exit.
         lock = open(state / f"gpu{gpu}.sim-lock", "w")  # noqa: SIM115
@@ -83,6 +93,11 @@ def main() -> int:
         print(f"Simulating beam {beam} on GPU {gpu} with {batches} batches", flush=True)
         for i in range(1, batches + 1):
             if mode == "hang" and i > batches // 2:
+                # A helper process that ignores SIGTERM hangs with us: only the kill of
+                # the whole process group, up to SIGKILL, ends both.
+                helper = subprocess.Popen([sys.executable, "-c", HANGING_HELPER])
+                _simctl.record(control, "tps_env", "hang", beam=beam, gpu=gpu,
+                               helper=helper.pid)
                 while True:
                     time.sleep(3600)
             if mode == "fatal" and i > batches // 2:
@@ -117,6 +132,8 @@ def main() -> int:
             print(f"Total execution time: {time.monotonic() - started:.2f} seconds", flush=True)
         return 0
     finally:
+        # However it ends (success, failure, SIGTERM, a broken output pipe): when.
+        _simctl.record(control, "tps_env", "exit", beam=beam, gpu=gpu)
         if state is not None:
             (state / f"gpu{gpu}.busy").unlink(missing_ok=True)
         if lock is not None:

@@ -3,6 +3,7 @@ real Prefect server, plus helpers to read what the simulators recorded."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,50 @@ def write_installation(root: Path, sshd: SshServer, port: int | None = None) -> 
     data["simulated"] = True
     inst.config.write_text(yaml.safe_dump(data, sort_keys=False))
     return inst
+
+
+@contextlib.contextmanager
+def serving(installation: Installation) -> Iterator[Installation]:
+    """The installation's Prefect server running, this process's Prefect settings and
+    MQI_CONFIG_PATH pointing at it (flows called here run against it)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from config import get_config, load_config
+    from deployments import server
+
+    cfg = load_config(installation.config)
+    proc = server.start_server(cfg, installation.root / "server.log")
+    # Prefect's events worker is one per process, bound to the API it first saw: drained
+    # here, the next event starts one bound to this server.
+    _drain_events()
+    previous = os.environ.get("MQI_CONFIG_PATH")
+    os.environ["MQI_CONFIG_PATH"] = str(installation.config)
+    get_config.cache_clear()
+    try:
+        with temporary_settings(updates={
+                PREFECT_API_URL: installation.api_url,
+                PREFECT_LOCAL_STORAGE_PATH: server.prefect_home(cfg) / "storage"}):
+            yield installation
+    finally:
+        if previous is None:
+            os.environ.pop("MQI_CONFIG_PATH", None)
+        else:
+            os.environ["MQI_CONFIG_PATH"] = previous
+        get_config.cache_clear()
+        from prefect.logging.handlers import APILogHandler
+
+        try:
+            APILogHandler().flush()  # ship queued run logs before the server goes away
+            _drain_events()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+
+
+def _drain_events() -> None:
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=10)
 
 
 def simulator(tool: str) -> str:

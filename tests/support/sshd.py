@@ -6,9 +6,11 @@ talk to the same kind of server the GPU host runs.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -55,6 +57,7 @@ class SshServer:
     port: int = 0
     username: str = field(default_factory=getpass.getuser)
     process: subprocess.Popen[bytes] | None = None
+    _argv: list[str] = field(default_factory=list)
 
     @property
     def host_key(self) -> Path:
@@ -103,13 +106,43 @@ class SshServer:
             f"Subsystem sftp {sftp_server}\n"
             "LogLevel ERROR\n"
         )
-        self.process = subprocess.Popen(
-            [sshd, "-D", "-e", "-f", str(config)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log_file, "wb"))  # noqa: SIM115
-        self._wait_listening()
+        self._argv = [sshd, "-D", "-e", "-f", str(config)]
+        self._launch()
         pub = self.host_key.with_suffix(".pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
         return self
+
+    def _launch(self) -> None:
+        self.process = subprocess.Popen(
+            self._argv, stdout=subprocess.DEVNULL,
+            stderr=open(self.log_file, "ab"))  # noqa: SIM115
+        self._wait_listening()
+
+    def cut(self) -> None:
+        """The network to the host is cut: sshd and every session it serves die at once
+        (kill -9), as a client sees it when the link goes. What the sessions started in
+        processes groups of their own (our commands run under setsid) keeps running."""
+        from blocks import procfs
+
+        assert self.process is not None
+        children: dict[int, list[int]] = {}
+        for proc in procfs.all_stats():
+            children.setdefault(proc.ppid, []).append(proc.pid)
+        sessions, todo = [], [self.process.pid]
+        while todo:  # sshd's own session processes (privsep children), not what they run
+            for child in children.get(todo.pop(), []):
+                if _is_sshd(child):
+                    sessions.append(child)
+                    todo.append(child)
+        self.process.kill()
+        self.process.wait()
+        for pid in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def restart(self) -> None:
+        """Start sshd again on the same port, keys and configuration (after ``cut``)."""
+        self._launch()
 
     def _wait_listening(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -157,3 +190,11 @@ class SshServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _is_sshd(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"sshd" in fh.read().split(b"\0")[0]
+    except OSError:
+        return False
