@@ -35,6 +35,7 @@ from blocks.gpu_pool import ComputeApp, GpuInfo, GpuPool, GpuQueryError
 from blocks.host import Host
 from config import MqiConfig, MqiError
 from config.redaction import redact
+from flows.outcomes import StageFailed
 
 log = logging.getLogger("mqi.placement")
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -131,6 +132,7 @@ def _reason(exc: BaseException) -> str:
 def mark_down(cfg: MqiConfig, name: str, exc: BaseException, logger: Logger) -> None:
     """Take ``name`` out of the pool for ``gpu.host_retry_seconds``; say so once."""
     from prefect.events import emit_event
+    from prefect.settings import PREFECT_API_URL
 
     kind = "gpu-query-failed" if isinstance(exc, CommandError | GpuQueryError) \
         else "host-unreachable"
@@ -142,6 +144,8 @@ def mark_down(cfg: MqiConfig, name: str, exc: BaseException, logger: Logger) -> 
     message = redact(f"GPU host {name} is out of the pool: {_reason(exc)}; its GPUs leave "
                      f"the admission limit until it answers again")
     logger.warning("%s", message)
+    if PREFECT_API_URL.value() is None:
+        return  # outside Prefect (a unit test, `mqi gpus` on its own): the log says it
     try:
         emit_event(WARNING_EVENT, resource={"prefect.resource.id": f"mqi.gpu-host.{name}",
                                             "prefect.resource.name": name},
@@ -161,8 +165,7 @@ def look(cfg: MqiConfig, hosts: Iterable[GpuHost], logger: Logger,
          avoid: Iterable[str] = ()) -> dict[str, Look]:
     """Read every host not in ``avoid`` and not resting after a failure, in parallel.
 
-    A host that fails is marked down (``mark_down``); when the set of hosts that answer
-    changed since this process last looked, the admission limit is sized to them.
+    A host that fails is marked down (``mark_down``) and left out of the answer.
     """
     now = time.monotonic()
     with _STATE:
@@ -186,34 +189,38 @@ def look(cfg: MqiConfig, hosts: Iterable[GpuHost], logger: Logger,
             looks[gpu_host.name] = answer
         else:
             mark_down(cfg, gpu_host.name, answer, logger)
-    if not skip:  # a look that left hosts out on purpose says nothing about them
-        _limit_follows(asked, looks, logger)
     return looks
 
 
-def _limit_follows(asked: list[GpuHost], looks: dict[str, Look], logger: Logger) -> None:
-    global _answering
-    answering = frozenset(looks)
-    with _STATE:
-        changed, _answering = _answering != answering, answering
-    if changed and asked:
-        size_limit(asked[0].pool, {h.name: (h.pool, looks[h.name]) for h in asked
-                                   if h.name in looks}, logger)
+def limit_slots(hosts: Iterable[GpuHost], looks: dict[str, Look]) -> int:
+    """What the admission limit should be: the selected GPUs (present, in ``gpu.indices``)
+    of the hosts that answered; a host that did not adds nothing."""
+    return sum(looks[h.name].selected(h.pool) for h in hosts if h.name in looks)
 
 
-def size_limit(pool: GpuPool, looks: dict[str, tuple[GpuPool, Look]],
-               logger: Logger) -> int | None:
-    """Size the admission limit to the selected GPUs of the hosts in ``looks`` (those that
-    answered); left alone when none answered (a limit needs at least one slot). Returns
-    the size it has now (None: left alone)."""
-    slots = sum(look_.selected(p) for p, look_ in looks.values())
-    if slots < 1:
+def size_limit(hosts: list[GpuHost], looks: dict[str, Look], logger: Logger) -> int | None:
+    """Size the admission limit to ``limit_slots``; left alone when no host answered (a
+    limit needs at least one slot). Returns the size set (None: left alone)."""
+    slots = limit_slots(hosts, looks)
+    if slots < 1 or not hosts:
         return None
+    pool = hosts[0].pool
     before = pool.set_limit(slots)
     if before != slots:
         logger.warning("admission limit %s: %s → %d GPU(s) on %s", pool.limit_name, before,
                        slots, ", ".join(sorted(looks)))
     return slots
+
+
+def _limit_follows(hosts: list[GpuHost], looks: dict[str, Look], logger: Logger) -> None:
+    """Resize the limit when the hosts that answer are not those of this process's last
+    look (the first look of a process counts as a change)."""
+    global _answering
+    answering = frozenset(looks)
+    with _STATE:
+        changed, _answering = _answering != answering, answering
+    if changed:
+        size_limit(hosts, looks, logger)
 
 
 def prepared(run_id: str) -> set[str]:
@@ -252,6 +259,8 @@ def choose(cfg: MqiConfig, hosts: list[GpuHost], logger: Logger, *, spread: int,
     started = said = time.monotonic()
     while True:
         looks = look(cfg, hosts, logger, avoid)
+        if not avoid:  # a look that left hosts out on purpose says nothing about them
+            _limit_follows(hosts, looks, logger)
         free = [(name, index) for name, seen in looks.items()
                 for index in seen.free(by_name[name].pool)]
         if free:
@@ -271,14 +280,19 @@ def choose(cfg: MqiConfig, hosts: list[GpuHost], logger: Logger, *, spread: int,
         time.sleep(cfg.gpu.poll_seconds)
 
 
-def home(cfg: MqiConfig, hosts: list[GpuHost], logger: Logger, run_id: str) -> GpuHost:
-    """The host a case is uploaded to and interpreted on first: the answering host with the
-    most free GPUs; among equals, one picked by the run id, so cases spread over hosts.
+def home(cfg: MqiConfig, hosts: list[GpuHost], logger: Logger, run_id: str,
+         avoid: Iterable[str] = ()) -> GpuHost:
+    """The host a case is uploaded to and interpreted on first: the answering host (not in
+    ``avoid``) with the most free GPUs; among equals, one picked by the run id, so cases
+    spread over hosts.
 
     Raises:
         HostLost: No GPU host answers.
     """
-    looks = look(cfg, hosts, logger)
+    avoid = set(avoid)
+    looks = look(cfg, hosts, logger, avoid)
+    if not avoid:
+        _limit_follows(hosts, looks, logger)
     if not looks:
         raise HostLost(", ".join(h.name for h in hosts), "no GPU host answers")
     by_name = {h.name: h for h in hosts}
@@ -294,6 +308,12 @@ def answers(gpu_host: GpuHost) -> bool:
         return True
     except HostError:
         return False
+
+
+def cut_off(failed: StageFailed) -> bool:
+    """A stage whose command ended with no exit status: its session was cut (the host may be
+    gone), unlike a command that exited non-zero on its own."""
+    return failed.exit_code is None or failed.exit_code < 0
 
 
 def lost(cfg: MqiConfig, gpu_host: GpuHost, exc: BaseException, logger: Logger) -> bool:
@@ -327,12 +347,10 @@ def ensure_limit(cfg: MqiConfig, logger: Logger, *, only_if_missing: bool) -> in
                 return None
             except ObjectNotFound:
                 pass
-    looks = look(cfg, hosts, logger, avoid=())
+    looks = look(cfg, hosts, logger)
     if not looks:
         raise GpuQueryError(f"no GPU host answers ({', '.join(h.name for h in hosts)})")
-    by = {h.name: h for h in hosts}
-    return size_limit(hosts[0].pool, {n: (by[n].pool, seen) for n, seen in looks.items()},
-                      logger)
+    return size_limit(hosts, looks, logger)
 
 
 def forget() -> None:

@@ -28,7 +28,7 @@ from config import ConfigError, MqiConfig, MqiError
 from config.models import BEAM_STEPS, GPU_STEP
 from config.redaction import install
 from config.templates import TemplateError
-from flows import placement, several_hosts
+from flows import several_hosts
 from flows.case_inspection import CaseInfo, CaseRejected, case_redactor, pseudonym
 from flows.commands import CaseIdError, render_step_command, validate_case_id
 from flows.layout import RemoteLayout, remote_layout, results_dir
@@ -182,23 +182,25 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     # of their cache keys, so a retry of this run resumes and another run starts afresh
     # in its own, empty folder (flows/stages.py).
     run_id = resume or _flow_run_id()
-    # Several GPU hosts: the case goes first to the host with the most free GPUs; others
-    # get it when a beam runs there (flows/placement.py).
-    home = several_hosts.home(cfg, run_id, logger)
-    layout = remote_layout(cfg, case_id, run_id, home)
-    upload_stage.with_options(**_options(cfg, "upload"))(
-        info.case_dir, case_id, digest, run_id, layout.case_dir, home)
-
     steps = cfg.workflows[workflow]
+    # Several GPU hosts: the case is uploaded to, and its case steps run on, the host with
+    # the most free GPUs; other hosts get them when a beam runs there (flows/placement.py).
+    home = several_hosts.start(cfg, info, run_id, steps, logger)
+    layout = remote_layout(cfg, case_id, run_id, home)
+    if home is None:
+        upload_stage.with_options(**_options(cfg, "upload"))(
+            info.case_dir, case_id, digest, run_id, layout.case_dir)
+
     sims: dict[int, SimulationOutcome] = {}
     failures: list[str] = []
     i = 0
     while i < len(steps) and not failures:
         step = steps[i]
         if step not in BEAM_STEPS:
-            command = render_step_command(cfg, step, layout.step_values(step))
-            case_step.with_options(**_options(cfg, step))(step, case_id, digest, run_id,
-                                                           command, home)
+            if home is None:  # several GPU hosts: run on the home host already
+                command = render_step_command(cfg, step, layout.step_values(step))
+                case_step.with_options(**_options(cfg, step))(step, case_id, digest, run_id,
+                                                               command)
             i += 1
             continue
         if GPU_STEP in steps[i:] and not sims:
@@ -212,8 +214,6 @@ def process_case(case_dir: str, workflow: str = "default_qa",
         while i < len(steps) and steps[i] in BEAM_STEPS:
             chain.append(steps[i])
             i += 1
-        if home is not None:
-            placement.prepare(run_id, home, lambda: None)  # upload and case steps are done
         sims, failures = _run_beam_chains(cfg, info, run_id, layout, chain, steps[:i])
     if failures:
         raise CaseFailed(case_id, failures)

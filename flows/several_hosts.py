@@ -14,6 +14,7 @@ With one GPU host ``home`` is None and ``process_case`` does what it always did.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from flows.case_inspection import Beam, CaseInfo
 from flows.commands import render_step_command
 from flows.layout import remote_layout
 from flows.outcomes import DownloadOutcome, SimulationOutcome
-from flows.stages import beam_step, download_beam, simulate_beam
+from flows.stages import beam_step, download_beam, prepare_host, simulate_beam
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 DOWNLOAD = "download"
@@ -41,19 +42,35 @@ _homes: dict[str, str] = {}
 _download_seconds: dict[str, float] = {}
 
 
-def home(cfg: MqiConfig, run_id: str, logger: Logger) -> str | None:
-    """Several GPU hosts: the host this run starts on (placement.home); one host: None.
+def start(cfg: MqiConfig, info: CaseInfo, run_id: str, steps: list[str],
+          logger: Logger) -> str | None:
+    """Several GPU hosts: the host this run starts on (placement.home), with the case
+    uploaded there and its case steps run there; another host if that one is lost meanwhile.
+    One GPU host: None (``process_case`` uploads and runs the case steps itself).
 
     Raises:
         HostLost: No GPU host answers.
     """
     if not cfg.gpu.several_hosts:
         return None
-    name = placement.home(cfg, placement.pool_hosts(cfg), logger, run_id).name
-    logger.info("GPU host %s takes the case first (most free GPUs)", name)
-    with _LOCK:
-        _homes[run_id] = name
-    return name
+    hosts = placement.pool_hosts(cfg)
+    lost: set[str] = set()
+    case_steps = tuple(s for s in steps if s not in BEAM_STEPS)
+    while True:
+        first = placement.home(cfg, hosts, logger, run_id, lost)
+        logger.info("GPU host %s takes the case first (most free GPUs)", first.name)
+        try:
+            placement.prepare(run_id, first.name, functools.partial(
+                prepare_host, cfg, info.case_dir, info.case_id, info.manifest_digest, run_id,
+                first.name, case_steps))
+        except HostError as exc:
+            if placement.lost(cfg, first, exc, logger):
+                lost.add(first.name)
+                continue
+            raise
+        with _LOCK:
+            _homes[run_id] = first.name
+        return first.name
 
 
 def ensure_limit_exists(cfg: MqiConfig, logger: Logger) -> None:

@@ -137,9 +137,9 @@ def _on_pool_host(cfg: MqiConfig, host: str | None) -> Iterator[None]:
     """A host error on one of several GPU hosts that no longer answers is ``HostLost``."""
     try:
         yield
-    except HostError as exc:
-        if host is not None and placement.lost(cfg, placement.by_name(cfg, host), exc,
-                                               get_run_logger()):
+    except (HostError, StageFailed) as exc:
+        if host is not None and (not isinstance(exc, StageFailed) or placement.cut_off(exc)) \
+                and placement.lost(cfg, placement.by_name(cfg, host), exc, get_run_logger()):
             raise placement.HostLost(host, str(exc).splitlines()[0] if str(exc) else "") \
                 from exc
         raise
@@ -259,6 +259,12 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
                     logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
                                 beam.number, index)
                     continue
+                if hosts and placement.cut_off(exc) and placement.lost(cfg, where.host, exc,
+                                                                       logger):
+                    logger.warning("beam %d: GPU host %s stopped answering; choosing another",
+                                   beam.number, name)
+                    avoiding.add(str(name))
+                    continue
                 raise
             except HostError as exc:
                 if hosts and placement.lost(cfg, where.host, exc, logger):
@@ -281,8 +287,8 @@ def prepare_host(cfg: MqiConfig, case_dir: str, case_id: str, digest: str, flow_
     from flows.process_case import _options  # the same retry policy and result store
 
     layout = remote_layout(cfg, case_id, flow_run_id, host)
-    get_run_logger().info("GPU host %s is new to this case: uploading it and running %s there",
-                          host, ", ".join(steps) or "no case step")
+    get_run_logger().info("GPU host %s: uploading the case and running %s there", host,
+                          ", ".join(steps) or "no case step")
     upload_stage.with_options(**_options(cfg, "upload"))(
         case_dir, case_id, digest, flow_run_id, layout.case_dir, host)
     for step in steps:

@@ -6,9 +6,11 @@ talk to the same kind of server the GPU host runs.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -55,6 +57,9 @@ class SshServer:
     port: int = 0
     username: str = field(default_factory=getpass.getuser)
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables every session gets (sshd_config SetEnv): with several servers on this
+    machine, what makes each a host of its own (e.g. the simulators' control file)."""
 
     @property
     def host_key(self) -> Path:
@@ -102,6 +107,7 @@ class SshServer:
             "MaxStartups 100:30:200\n"
             f"Subsystem sftp {sftp_server}\n"
             "LogLevel ERROR\n"
+            + "".join(f"SetEnv {name}={value}\n" for name, value in self.env.items())
         )
         self.process = subprocess.Popen(
             [sshd, "-D", "-e", "-f", str(config)],
@@ -149,6 +155,22 @@ class SshServer:
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
                 "-o", "IdentitiesOnly=yes"]
 
+    def crash(self) -> None:
+        """The host drops off the network at once: sshd and its session processes are
+        killed, so open connections break and new ones are refused. What the sessions
+        started is left alone (killing a login shell mid-way through its profile can leave
+        locks behind on this machine, which is every test's host)."""
+        if self.process is None:
+            return
+        os.kill(self.process.pid, signal.SIGSTOP)  # no new session while they are killed
+        while doomed := [p for p in _descendants(self.process.pid) if _is_sshd(p)]:
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        self.process.kill()
+        self.process.wait()
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -157,3 +179,30 @@ class SshServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            state, parent = stat.rsplit(")", 1)[1].split()[:2]
+            if state != "Z":  # dead already, waiting for its parent to notice
+                children.setdefault(int(parent), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _is_sshd(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip().startswith("sshd")
+    except OSError:
+        return False
