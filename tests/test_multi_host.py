@@ -235,3 +235,27 @@ def test_the_limit_counts_the_gpus_of_the_hosts_that_answer(tmp_path: Path, monk
         assert "out of the pool" not in caplog.text
     finally:
         placement.forget()
+
+
+def test_gpu_hosts_in_the_configuration(tmp_path: Path):
+    from config import load_config
+    from tests.test_config import BASE, broken, issues, write
+
+    data = json.loads(json.dumps(BASE))
+    data["hosts"]["gpu_b"] = dict(data["hosts"]["gpu"], hostname="gpu-b.example.org")
+    data["gpu"]["hosts"] = ["gpu", {"host": "gpu_b", "lock_dir": "/scratch/locks",
+                                    "remote_work_root": "/scratch/cases"}]
+    gpu = load_config(write(tmp_path, data)).gpu
+    assert gpu.host_names == ["gpu", "gpu_b"] and gpu.several_hosts
+    assert gpu.host_entry("gpu_b").lock_dir == "/scratch/locks"
+    assert gpu.host_entry("gpu").lock_dir is None  # gpu.lock_dir applies
+    assert not load_config(write(tmp_path, BASE, "one.yaml")).gpu.several_hosts
+
+    def change(d):
+        d["gpu"]["hosts"] = ["gpu", "gpu", "gpu_c"]
+        d["workflows"]["default_qa"].append("summary")
+        d["remote_commands"]["summary"] = "true"
+    err = issues(broken(tmp_path, change))
+    assert err["gpu.hosts[1].host"] == "'gpu' is listed twice"
+    assert err["gpu.hosts[2].host"].startswith("no host named 'gpu_c'")
+    assert "case steps (summary) must come before" in err["workflows.default_qa"]
