@@ -220,64 +220,65 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
     avoiding = set(avoid)
     hosts = placement.pool_hosts(cfg) if cfg.gpu.several_hosts else []
     waited_from = time.monotonic()
-    with pool.admission(logger):
-        for attempt in itertools.count():
-            if hosts:
-                where = placement.choose(cfg, hosts, logger, spread=beam.number + attempt,
-                                         run_id=flow_run_id, avoid=avoiding)
-                name, host, gpus, index = where.host.name, where.host.host, where.host.pool, \
-                    where.index
+    while True:
+        with pool.admission(logger):
+            for attempt in itertools.count():
+                if hosts:
+                    where = placement.choose(cfg, hosts, logger, spread=beam.number + attempt,
+                                             run_id=flow_run_id, avoid=avoiding)
+                    name, host, gpus, index = where.host.name, where.host.host, where.host.pool, \
+                        where.index
+                    if name not in placement.prepared(flow_run_id):
+                        break  # a host new to this run: the case goes there without a GPU slot
+                else:
+                    name, host, gpus = None, flow_host(cfg), pool
+                    index = pool.choose_index(host, logger, spread=beam.number + attempt)
+                layout = remote_layout(cfg, case_id, flow_run_id, name)
+                waited = time.monotonic() - waited_from
+                logger.info("beam %d: GPU %d%s is ours (waited %.1f s)", beam.number, index,
+                            f" on {name}" if name else "", waited)
+                _name_task_run(simulation_task_run_name(beam.number, index))
+                visible = cfg.gpu.set_cuda_visible_devices
+                sim = render_simulation(cfg, layout, beam, 0 if visible else index)
+                progress = ProgressReporter(case_id, beam.number, index, cfg.simulated)
                 try:
-                    placement.prepare(flow_run_id, name, functools.partial(
-                        prepare_host, cfg, case_dir, case_id, digest, flow_run_id, name,
-                        prepare))
-                except HostError as exc:
-                    if placement.lost(cfg, where.host, exc, logger):
-                        avoiding.add(name)
+                    host.write_file(sim.input_file, sim.input_text.encode())
+                    result = run_remote(
+                        host, cfg, layout, GPU_STEP, gpus.locked_command(index, sim.command),
+                        beam=beam.number, env={"CUDA_VISIBLE_DEVICES": str(index)} if visible
+                        else None, on_line=progress.line, verdict=moqui_verdict(cfg))
+                except StageFailed as exc:
+                    progress.finish(failed=True)
+                    if exc.exit_code == LOCK_BUSY_EXIT:
+                        logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
+                                    beam.number, index)
+                        continue
+                    if hosts and placement.cut_off(exc) and placement.lost(cfg, where.host, exc,
+                                                                           logger):
+                        logger.warning("beam %d: GPU host %s stopped answering; choosing another",
+                                       beam.number, name)
+                        avoiding.add(str(name))
                         continue
                     raise
-            else:
-                name, host, gpus = None, flow_host(cfg), pool
-                index = pool.choose_index(host, logger, spread=beam.number + attempt)
-            layout = remote_layout(cfg, case_id, flow_run_id, name)
-            waited = time.monotonic() - waited_from
-            logger.info("beam %d: GPU %d%s is ours (waited %.1f s)", beam.number, index,
-                        f" on {name}" if name else "", waited)
-            _name_task_run(simulation_task_run_name(beam.number, index))
-            visible = cfg.gpu.set_cuda_visible_devices
-            sim = render_simulation(cfg, layout, beam, 0 if visible else index)
-            progress = ProgressReporter(case_id, beam.number, index, cfg.simulated)
-            try:
-                host.write_file(sim.input_file, sim.input_text.encode())
-                result = run_remote(
-                    host, cfg, layout, GPU_STEP, gpus.locked_command(index, sim.command),
-                    beam=beam.number, env={"CUDA_VISIBLE_DEVICES": str(index)} if visible
-                    else None, on_line=progress.line, verdict=moqui_verdict(cfg))
-            except StageFailed as exc:
-                progress.finish(failed=True)
-                if exc.exit_code == LOCK_BUSY_EXIT:
-                    logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
-                                beam.number, index)
-                    continue
-                if hosts and placement.cut_off(exc) and placement.lost(cfg, where.host, exc,
-                                                                       logger):
-                    logger.warning("beam %d: GPU host %s stopped answering; choosing another",
-                                   beam.number, name)
-                    avoiding.add(str(name))
-                    continue
+                except HostError as exc:
+                    if hosts and placement.lost(cfg, where.host, exc, logger):
+                        progress.finish(failed=True)
+                        logger.warning("beam %d: GPU host %s stopped answering; choosing another",
+                                       beam.number, name)
+                        avoiding.add(str(name))
+                        continue
+                    raise
+                progress.finish()
+                return SimulationOutcome(beam=beam.number, gpu=index, seconds=result.duration,
+                                         waited=waited, host=name)
+        try:  # `where` is set: only a host of several breaks out of the loop above
+            placement.prepare(flow_run_id, where.host.name, functools.partial(
+                prepare_host, cfg, case_dir, case_id, digest, flow_run_id, where.host.name,
+                prepare))
+        except HostError as exc:
+            if not placement.lost(cfg, where.host, exc, logger):
                 raise
-            except HostError as exc:
-                if hosts and placement.lost(cfg, where.host, exc, logger):
-                    progress.finish(failed=True)
-                    logger.warning("beam %d: GPU host %s stopped answering; choosing another",
-                                   beam.number, name)
-                    avoiding.add(str(name))
-                    continue
-                raise
-            progress.finish()
-            return SimulationOutcome(beam=beam.number, gpu=index, seconds=result.duration,
-                                     waited=waited, host=name)
-    raise AssertionError("unreachable")  # itertools.count() never ends
+            avoiding.add(where.host.name)
 
 
 def prepare_host(cfg: MqiConfig, case_dir: str, case_id: str, digest: str, flow_run_id: str,
