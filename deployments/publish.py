@@ -3,7 +3,8 @@
 `mqi up`, `mqi deploy` and the CLI's own runs call ``publish`` before any flow
 runs: the validated configuration (block ``mqi-config``), the GPU host with its
 secrets read from the ``*_env`` variables into SecretStr fields
-(``mqi-gpu-host``), the GPU pool (``mqi-gpu-pool``), the result storage every
+(``mqi-gpu-host``; with several GPU hosts also each as ``mqi-gpu-host-<name>``), the GPU
+pool (``mqi-gpu-pool``), the result storage every
 process shares (``local-file-system/mqi-results``), and the configured
 housekeeping schedules as the Prefect variables prefect.yaml reads
 (``mqi_<deployment>_<key>``). A worker anywhere then needs only

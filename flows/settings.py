@@ -10,6 +10,8 @@ mid-run cannot send later stages to another host).
 ``MQI_CONFIG_PATH`` set in the flow's own environment (``mqi run``, tests) means
 "this file, wholly": its configuration and the host and pool it describes. The
 GPU host block is otherwise the truth for the host, since credentials live there.
+With several GPU hosts (``gpu.hosts``) each is its own block, ``mqi-gpu-host-<name>``
+(``flow_gpu_hosts``).
 """
 
 from __future__ import annotations
