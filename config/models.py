@@ -551,6 +551,10 @@ def gpu_host_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
                                                    f"(have: {', '.join(cfg.hosts) or 'none'})"))
         if names.index(name) != i:
             issues.append((f"gpu.hosts[{i}].host", f"{name!r} is listed twice"))
+        elif [n.lower() for n in names].index(name.lower()) != i:
+            # each is published as block mqi-gpu-host-<name in lowercase>
+            issues.append((f"gpu.hosts[{i}].host", f"{name!r} differs from another GPU host "
+                                                   f"only in case"))
     if gpu.source == "nvml" and (len(names) > 1 or any(
             n in cfg.hosts and cfg.hosts[n].kind != "local" for n in names)):
         issues.append(("gpu.source", "nvml reads GPUs of this machine only: use nvidia-smi "

@@ -7,8 +7,8 @@ on that host as it always did. With several (docs/gpu-allocation.md#several-gpu-
   that does not answer, or whose nvidia-smi fails, is skipped with a warning (run log and
   a ``mqi.gpu.warning`` event, once per process until it answers again) and is not asked
   again for ``gpu.host_retry_seconds``;
-- the admission limit is sized to the sum of the selected GPUs of the hosts that
-  answer, whenever the set of answering hosts changes (and by `mqi up` and the curator);
+- the admission limit is sized to the sum of the GPUs our simulations can have on the
+  hosts that answer, whenever the set of answering hosts changes (and by `mqi up` and the curator);
 - a beam takes a (host, index) pair: a free, unlocked GPU, preferably on a host that
   already holds this run's files, and the index is locked on that host as with one host;
 - a host a case has not used yet is prepared on first use: the case is uploaded there and
@@ -78,9 +78,12 @@ class Look:
         """Indices a simulation may take now: usable and unlocked."""
         return [g.index for g in pool.usable(self.gpus, self.apps) if g.index not in self.locked]
 
-    def selected(self, pool: GpuPool) -> int:
-        """GPUs that count for the admission limit (present and in ``gpu.indices``)."""
-        return sum(1 for g in self.gpus if pool.indices is None or g.index in pool.indices)
+    def counted(self, pool: GpuPool) -> int:
+        """GPUs that count for the admission limit, as the curator counts them: selected
+        (``gpu.indices``), and usable now or locked by a simulation of ours."""
+        usable = {g.index for g in pool.usable(self.gpus, self.apps)}
+        return sum(1 for g in self.gpus if (pool.indices is None or g.index in pool.indices)
+                   and (g.index in usable or g.index in self.locked))
 
 
 @dataclass(frozen=True)
@@ -193,9 +196,9 @@ def look(cfg: MqiConfig, hosts: Iterable[GpuHost], logger: Logger,
 
 
 def limit_slots(hosts: Iterable[GpuHost], looks: dict[str, Look]) -> int:
-    """What the admission limit should be: the selected GPUs (present, in ``gpu.indices``)
-    of the hosts that answered; a host that did not adds nothing."""
-    return sum(looks[h.name].selected(h.pool) for h in hosts if h.name in looks)
+    """What the admission limit should be: the GPUs our simulations can have (``Look.counted``)
+    on the hosts that answered; a host that did not adds nothing."""
+    return sum(looks[h.name].counted(h.pool) for h in hosts if h.name in looks)
 
 
 def size_limit(hosts: list[GpuHost], looks: dict[str, Look], logger: Logger) -> int | None:

@@ -229,6 +229,10 @@ def test_the_limit_counts_the_gpus_of_the_hosts_that_answer(tmp_path: Path, monk
         looks["again"] = looks["up"]
         two = placement.GpuHost("again", LocalHost(), gpus.model_copy(update={"indices": [0]}))
         assert placement.limit_slots([up, down, two], looks) == 3 + 1
+        # as the curator counts: a GPU taken by somebody else's process is not ours to give
+        (tmp_path / "state" / "foreign1").write_text("4242")
+        busy = placement.look(cfg, [up], logging.getLogger("test"))
+        assert placement.limit_slots([up], busy) == 2
         # a host found down is not asked again until gpu.host_retry_seconds passed
         caplog.clear()
         assert set(placement.look(cfg, [up, down], logging.getLogger("test"))) == {"up"}
