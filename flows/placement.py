@@ -217,11 +217,13 @@ def size_limit(hosts: list[GpuHost], looks: dict[str, Look], logger: Logger) -> 
 
 def _limit_follows(hosts: list[GpuHost], looks: dict[str, Look], logger: Logger) -> None:
     """Resize the limit when the hosts that answer are not those of this process's last
-    look (the first look of a process counts as a change)."""
+    look; at a process's first look, when some host does not answer. With every host
+    answering all along, the limit is `mqi up`'s and the curator's to size."""
     global _answering
     answering = frozenset(looks)
     with _STATE:
-        changed, _answering = _answering != answering, answering
+        before = frozenset(h.name for h in hosts) if _answering is None else _answering
+        changed, _answering = before != answering, answering
     if changed:
         size_limit(hosts, looks, logger)
 

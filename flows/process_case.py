@@ -197,7 +197,7 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     while i < len(steps) and not failures:
         step = steps[i]
         if step not in BEAM_STEPS:
-            if home is None:  # several GPU hosts: run on the home host already
+            if home is None:  # (several GPU hosts: they ran on the home host already)
                 command = render_step_command(cfg, step, layout.step_values(step))
                 case_step.with_options(**_options(cfg, step))(step, case_id, digest, run_id,
                                                                command)
