@@ -321,6 +321,16 @@ def cut_off(failed: StageFailed) -> bool:
     return failed.exit_code is None or failed.exit_code < 0
 
 
+def host_trouble(exc: BaseException) -> bool:
+    """Whether ``exc`` may mean the host is gone (worth a probe): a host error, a broken
+    SSH session (paramiko's own errors escape some calls), or a stage cut off."""
+    import paramiko
+
+    if isinstance(exc, StageFailed):
+        return cut_off(exc)
+    return isinstance(exc, HostError | OSError | EOFError | paramiko.SSHException)
+
+
 def lost(cfg: MqiConfig, gpu_host: GpuHost, exc: BaseException, logger: Logger) -> bool:
     """After a host error that is not the command's own failure: is the host gone? If so it
     is marked down (and the caller moves the beam elsewhere)."""

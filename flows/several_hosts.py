@@ -63,8 +63,8 @@ def start(cfg: MqiConfig, info: CaseInfo, run_id: str, steps: list[str],
             placement.prepare(run_id, first.name, functools.partial(
                 prepare_host, cfg, info.case_dir, info.case_id, info.manifest_digest, run_id,
                 first.name, case_steps))
-        except HostError as exc:
-            if placement.lost(cfg, first, exc, logger):
+        except Exception as exc:
+            if placement.host_trouble(exc) and placement.lost(cfg, first, exc, logger):
                 lost.add(first.name)
                 continue
             raise

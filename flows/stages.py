@@ -32,7 +32,6 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from blocks.errors import HostError
 from blocks.gpu_pool import LOCK_BUSY_EXIT
 from blocks.host import Host
 from config import MqiConfig
@@ -137,8 +136,8 @@ def _on_pool_host(cfg: MqiConfig, host: str | None) -> Iterator[None]:
     """A host error on one of several GPU hosts that no longer answers is ``HostLost``."""
     try:
         yield
-    except (HostError, StageFailed) as exc:
-        if host is not None and (not isinstance(exc, StageFailed) or placement.cut_off(exc)) \
+    except Exception as exc:
+        if host is not None and placement.host_trouble(exc) \
                 and placement.lost(cfg, placement.by_name(cfg, host), exc, get_run_logger()):
             raise placement.HostLost(host, str(exc).splitlines()[0] if str(exc) else "") \
                 from exc
@@ -253,15 +252,16 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
                         logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
                                     beam.number, index)
                         continue
-                    if hosts and placement.cut_off(exc) and placement.lost(cfg, where.host, exc,
-                                                                           logger):
+                    if hosts and placement.host_trouble(exc) and placement.lost(
+                            cfg, where.host, exc, logger):
                         logger.warning("beam %d: GPU host %s stopped answering; choosing another",
                                        beam.number, name)
                         avoiding.add(str(name))
                         continue
                     raise
-                except HostError as exc:
-                    if hosts and placement.lost(cfg, where.host, exc, logger):
+                except Exception as exc:
+                    if hosts and placement.host_trouble(exc) and placement.lost(
+                            cfg, where.host, exc, logger):
                         progress.finish(failed=True)
                         logger.warning("beam %d: GPU host %s stopped answering; choosing another",
                                        beam.number, name)
@@ -275,8 +275,8 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
             placement.prepare(flow_run_id, where.host.name, functools.partial(
                 prepare_host, cfg, case_dir, case_id, digest, flow_run_id, where.host.name,
                 prepare))
-        except HostError as exc:
-            if not placement.lost(cfg, where.host, exc, logger):
+        except Exception as exc:
+            if not (placement.host_trouble(exc) and placement.lost(cfg, where.host, exc, logger)):
                 raise
             avoiding.add(where.host.name)
 
