@@ -21,10 +21,10 @@ whose tasks are threads: it is what one case's beams share, and nothing else nee
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -303,7 +303,8 @@ def home(cfg: MqiConfig, hosts: list[GpuHost], logger: Logger, run_id: str,
     by_name = {h.name: h for h in hosts}
     most = max(len(seen.free(by_name[n].pool)) for n, seen in looks.items())
     best = [by_name[n] for n, seen in looks.items() if len(seen.free(by_name[n].pool)) == most]
-    return best[zlib.crc32(run_id.encode()) % len(best)]
+    # (CRC32 of UUID strings has a fixed parity: a real hash splits them)
+    return best[int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % len(best)]
 
 
 def answers(gpu_host: GpuHost) -> bool:
@@ -337,6 +338,11 @@ def lost(cfg: MqiConfig, gpu_host: GpuHost, exc: BaseException, logger: Logger) 
     if isinstance(exc, CommandError) or answers(gpu_host):
         return False
     mark_down(cfg, gpu_host.name, exc, logger)
+    try:  # its GPUs leave the limit now, not at the next look of some beam
+        hosts = pool_hosts(cfg)
+        _limit_follows(hosts, look(cfg, hosts, logger), logger)
+    except Exception as err:  # noqa: BLE001 - the next look or the curator sizes it
+        logger.warning("could not resize the admission limit: %s", err)
     return True
 
 
