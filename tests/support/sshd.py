@@ -202,7 +202,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _is_sshd(pid: int) -> bool:
+    """sshd itself or its SFTP server: what carries the connections, no login shell."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip().startswith("sshd")
+        return Path(f"/proc/{pid}/comm").read_text().strip().startswith(("sshd", "sftp-server"))
     except OSError:
         return False
