@@ -17,7 +17,8 @@ from blocks.remote_host import RemoteHost
 from config import MqiConfig, MqiError
 from config.models import HostSettings
 
-__all__ = ["Host", "MissingSecretError", "gpu_host", "gpu_pool", "host_from_settings"]
+__all__ = ["Host", "MissingSecretError", "gpu_host", "gpu_hosts", "gpu_pool", "host_from_settings",
+           "pool_on"]
 
 
 class MissingSecretError(MqiError):
@@ -56,8 +57,19 @@ def host_from_settings(name: str, settings: HostSettings) -> Host:
 
 
 def gpu_host(cfg: MqiConfig) -> Host:
-    """The host that has the GPUs and runs the remote commands."""
-    return host_from_settings(cfg.gpu.host, cfg.hosts[cfg.gpu.host])
+    """The host that has the GPUs and runs the remote commands (the first of several)."""
+    return host_from_settings(cfg.gpu.primary, cfg.hosts[cfg.gpu.primary])
+
+
+def gpu_hosts(cfg: MqiConfig) -> dict[str, Host]:
+    """Every GPU host by its name in ``hosts``, in the order of ``gpu.hosts``."""
+    return {name: host_from_settings(name, cfg.hosts[name]) for name in cfg.gpu.host_names}
+
+
+def pool_on(pool: GpuPool, cfg: MqiConfig, name: str) -> GpuPool:
+    """``pool`` as it applies on the GPU host ``name``: its own lock folder, if it has one."""
+    lock_dir = cfg.gpu.host_entry(name).lock_dir
+    return pool if lock_dir is None else pool.model_copy(update={"lock_dir": lock_dir})
 
 
 def gpu_pool(cfg: MqiConfig) -> GpuPool:

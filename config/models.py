@@ -158,8 +158,26 @@ class HostSettings(Section):
         "first on PATH, so `python3` in commands is the one with its packages (the demo).")
 
 
+class GpuHostEntry(Section):
+    """One host of a pool of several GPU hosts (``gpu.hosts``)."""
+
+    host: Identifier = Field(..., description="A name in hosts.")
+    lock_dir: RemotePath | None = Field(
+        default=None, description="This host's GPU lock folder; null: gpu.lock_dir.")
+    remote_work_root: RemotePath | None = Field(
+        default=None, description="This host's work folder; null: paths.remote_work_root.")
+
+
+def _host_entry(value: object) -> object:
+    """``gpu.hosts`` items may be a bare host name: ``[gpu_a, gpu_b]``."""
+    return {"host": value} if isinstance(value, str) else value
+
+
 class GpuSettings(Section):
-    host: str = "gpu"
+    host: str = Field(default="gpu", description="The GPU host, when gpu.hosts is empty.")
+    hosts: list[Annotated[GpuHostEntry, BeforeValidator(_host_entry)]] = Field(
+        default=[], description="Several GPU hosts in one pool (each a name in hosts, or "
+        "{host, lock_dir, remote_work_root}); empty: the one host gpu.host.")
     source: Literal["nvidia-smi", "nvml"] = "nvidia-smi"
     query_command: str = (
         "nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used,memory.free,"
@@ -178,6 +196,31 @@ class GpuSettings(Section):
     max_slot_wait_seconds: PositiveSeconds = 1.0
     max_wait_seconds: PositiveSeconds = 3600.0
     query_timeout_seconds: PositiveSeconds = 30.0
+    host_retry_seconds: PositiveSeconds = Field(
+        default=30.0, description="Several GPU hosts: a host that did not answer is asked "
+        "again after this long (its GPUs are out of the pool meanwhile).")
+
+    @property
+    def host_names(self) -> list[str]:
+        """The GPU hosts, in order: gpu.hosts, or gpu.host alone."""
+        return [e.host for e in self.hosts] if self.hosts else [self.host]
+
+    @property
+    def several_hosts(self) -> bool:
+        """True when the pool spans more than one host (placement chooses among them)."""
+        return len(self.hosts) > 1
+
+    @property
+    def primary(self) -> str:
+        """The one GPU host, or the first of several."""
+        return self.host_names[0]
+
+    def host_entry(self, name: str) -> GpuHostEntry:
+        """The entry of one GPU host (its own lock_dir and remote_work_root, if any)."""
+        for entry in self.hosts:
+            if entry.host == name:
+                return entry
+        return GpuHostEntry(host=name)
 
 
 class RestartPolicy(Section):
@@ -505,7 +548,9 @@ def cross_section_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
         if host.working_dir or host.prefer_this_python:
             issues.append((f"hosts.{name}", "working_dir and prefer_this_python are for "
                                             "local hosts only"))
-    if cfg.gpu.host not in cfg.hosts:
+    if cfg.gpu.hosts:
+        issues += gpu_host_issues(cfg)
+    elif cfg.gpu.host not in cfg.hosts:
         issues.append(("gpu.host", f"no host named {cfg.gpu.host!r} in hosts "
                                    f"(have: {', '.join(cfg.hosts) or 'none'})"))
     elif cfg.gpu.source == "nvml" and cfg.hosts[cfg.gpu.host].kind != "local":
@@ -553,6 +598,41 @@ def cross_section_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
             issues.append((f"retries.steps.{step}",
                            f"no such step (known: {', '.join(sorted(known_steps))})"))
     issues += notification_issues(cfg.notifications)
+    return issues
+
+
+def gpu_host_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
+    """``gpu.hosts``: known, ssh or local hosts named once; nvml only for one local host;
+    case steps only before the per-beam steps (they run on each host the beams use)."""
+    issues: list[tuple[str, str]] = []
+    gpu = cfg.gpu
+    if gpu.host != GpuSettings.model_fields["host"].default and gpu.host not in gpu.host_names:
+        issues.append(("gpu.host", "gpu.hosts lists the GPU hosts: leave gpu.host out (or "
+                                   "name one of them)"))
+    names = gpu.host_names
+    for i, name in enumerate(names):
+        if name not in cfg.hosts:
+            issues.append((f"gpu.hosts[{i}].host", f"no host named {name!r} in hosts "
+                                                   f"(have: {', '.join(cfg.hosts) or 'none'})"))
+        if names.index(name) != i:
+            issues.append((f"gpu.hosts[{i}].host", f"{name!r} is listed twice"))
+        elif [n.lower() for n in names].index(name.lower()) != i:
+            # each is published as block mqi-gpu-host-<name in lowercase>
+            issues.append((f"gpu.hosts[{i}].host", f"{name!r} differs from another GPU host "
+                                                   f"only in case"))
+    if gpu.source == "nvml" and (len(names) > 1 or any(
+            n in cfg.hosts and cfg.hosts[n].kind != "local" for n in names)):
+        issues.append(("gpu.source", "nvml reads GPUs of this machine only: use nvidia-smi "
+                                     "with several GPU hosts or an ssh host"))
+    if len(names) > 1:
+        for wf, steps in cfg.workflows.items():
+            beam_at = [i for i, s in enumerate(steps) if s in BEAM_STEPS]
+            late = [s for i, s in enumerate(steps) if beam_at and i > beam_at[0]
+                    and s not in BEAM_STEPS]
+            if late:
+                issues.append((f"workflows.{wf}", f"with several GPU hosts, case steps "
+                                                  f"({', '.join(late)}) must come before the "
+                                                  f"per-beam steps"))
     return issues
 
 

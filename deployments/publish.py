@@ -3,7 +3,8 @@
 `mqi up`, `mqi deploy` and the CLI's own runs call ``publish`` before any flow
 runs: the validated configuration (block ``mqi-config``), the GPU host with its
 secrets read from the ``*_env`` variables into SecretStr fields
-(``mqi-gpu-host``), the GPU pool (``mqi-gpu-pool``), the result storage every
+(``mqi-gpu-host``; with several GPU hosts also each as ``mqi-gpu-host-<name>``), the GPU
+pool (``mqi-gpu-pool``), the result storage every
 process shares (``local-file-system/mqi-results``), and the configured
 housekeeping schedules as the Prefect variables prefect.yaml reads
 (``mqi_<deployment>_<key>``). A worker anywhere then needs only
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from config import MqiConfig
 from deployments import server
-from flows.naming import CONFIG_BLOCK, HOST_BLOCK, POOL_BLOCK, RESULTS_BLOCK
+from flows.naming import CONFIG_BLOCK, HOST_BLOCK, POOL_BLOCK, RESULTS_BLOCK, gpu_host_block
 
 
 def publish(cfg: MqiConfig, config_file: Path) -> list[str]:
@@ -27,7 +28,7 @@ def publish(cfg: MqiConfig, config_file: Path) -> list[str]:
     """
     from prefect.filesystems import LocalFileSystem
 
-    from blocks.factory import gpu_host, gpu_pool
+    from blocks.factory import gpu_host, gpu_hosts, gpu_pool
     from blocks.gpu_pool import GpuPool
     from blocks.local_host import LocalHost
     from blocks.published_config import PublishedConfig
@@ -46,6 +47,11 @@ def publish(cfg: MqiConfig, config_file: Path) -> list[str]:
     if isinstance(host, RemoteHost | LocalHost):
         host.save(HOST_BLOCK, overwrite=True)
         saved.append(f"{host.get_block_type_slug()}/{HOST_BLOCK}")
+    if cfg.gpu.several_hosts:  # each GPU host of the pool as its own block too
+        for name, each in gpu_hosts(cfg).items():
+            if isinstance(each, RemoteHost | LocalHost):
+                each.save(gpu_host_block(name), overwrite=True)
+                saved.append(f"{each.get_block_type_slug()}/{gpu_host_block(name)}")
     gpu_pool(cfg).save(POOL_BLOCK, overwrite=True)
     saved.append(f"mqi-gpu-pool/{POOL_BLOCK}")
     if cfg.prefect.result_storage_block is None:

@@ -228,10 +228,19 @@ def prepare_gpu_limit(cfg: MqiConfig) -> str | None:
     """Size the GPU admission limit now; a message when the GPU host cannot be read."""
     from blocks.factory import gpu_host, gpu_pool
 
+    if cfg.gpu.several_hosts:  # sized to the hosts that answer (flows/placement.py)
+        from flows import placement
+
+        try:
+            slots = placement.ensure_limit(cfg, log, only_if_missing=False)
+        except Exception as exc:  # noqa: BLE001 - reported; each case will say it again
+            return f"could not read the GPUs of any GPU host: {exc}"
+        log.info("GPU limit %s: %s GPU(s)", cfg.gpu.concurrency_limit, slots)
+        return None
     try:
         gpus = gpu_pool(cfg).ensure_limit(gpu_host(cfg))
     except Exception as exc:  # noqa: BLE001 - reported; each case will say it again
-        return f"could not read the GPUs on host {cfg.gpu.host!r}: {exc}"
+        return f"could not read the GPUs on host {cfg.gpu.primary!r}: {exc}"
     log.info("GPU limit %s: %d GPU(s)", cfg.gpu.concurrency_limit, len(gpus))
     return None
 

@@ -88,15 +88,22 @@ class LastLook:
     looked: bool = False
 
 
-def state_variable(cfg: MqiConfig) -> str:
-    """The Variable's name: one per installation (per GPU limit), as Prefect allows names."""
-    return "mqi_curator_" + re.sub(r"[^a-z0-9_]+", "_", cfg.gpu.concurrency_limit.lower())
+def state_variable(cfg: MqiConfig, pooled: bool = False) -> str:
+    """The Variable's name: one per installation (per GPU limit), as Prefect allows names;
+    ``pooled``: one per host of several (``cfg`` is then that host's view)."""
+    name = "mqi_curator_" + re.sub(r"[^a-z0-9_]+", "_", cfg.gpu.concurrency_limit.lower())
+    return name + ("_" + re.sub(r"[^a-z0-9_]+", "_", cfg.gpu.host.lower()) if pooled else "")
 
 
-def load_last_look(cfg: MqiConfig) -> LastLook:
+def _artifact_key(cfg: MqiConfig, pooled: bool) -> str:
+    """``gpu-pool``; with several GPU hosts ``gpu-pool-<host>``, one table per host."""
+    return ARTIFACT_KEY + (f"-{cfg.gpu.host.lower().replace('_', '-')}" if pooled else "")
+
+
+def load_last_look(cfg: MqiConfig, pooled: bool = False) -> LastLook:
     from prefect.variables import Variable
 
-    value = Variable.get(state_variable(cfg), default=None)
+    value = Variable.get(state_variable(cfg, pooled), default=None)
     if not isinstance(value, str):
         return LastLook()
     try:
@@ -108,7 +115,7 @@ def load_last_look(cfg: MqiConfig) -> LastLook:
         return LastLook()  # unreadable (an older form): start afresh
 
 
-def save_last_look(cfg: MqiConfig, look: LastLook) -> None:
+def save_last_look(cfg: MqiConfig, look: LastLook, pooled: bool = False) -> None:
     from prefect.types import MAX_VARIABLE_VALUE_LENGTH
     from prefect.variables import Variable
 
@@ -119,7 +126,7 @@ def save_last_look(cfg: MqiConfig, look: LastLook) -> None:
         data["gpus"] = {u: (i, "") for u, (i, _) in look.gpus.items()}
         data["missing"] = {u: (i, "") for u, (i, _) in look.missing.items()}
         text = json.dumps(data, separators=(",", ":"))
-    Variable.set(state_variable(cfg), text, overwrite=True)
+    Variable.set(state_variable(cfg, pooled), text, overwrite=True)
 
 
 # -------------------------------------------------------------------------- report
@@ -132,6 +139,8 @@ class CuratorReport:
         answered: False when the host (or its GPU query) did not answer.
         gpus: GPUs reported.
         usable: Of those, usable by a simulation now.
+        slots: Of those, what the admission limit counts (selected, and usable now or
+            held by a run of ours).
         limit: The admission limit after this run (None when it was not read).
         warnings: Warnings newly crossed (each emitted as an event).
         repairs: Drift found, and what was done about it.
@@ -143,6 +152,7 @@ class CuratorReport:
     gpus: int = 0
     usable: int = 0
     limit: int | None = None
+    slots: int = 0
     warnings: list[str] = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)
     dry_run: bool = False
@@ -246,6 +256,8 @@ def curate_gpus(dry_run: bool | None = None) -> CuratorReport:
     """
     cfg = flow_config()
     logger = get_run_logger()
+    if cfg.gpu.several_hosts and cfg.curator.enabled:
+        return curate_pool(cfg, cfg.curator.dry_run if dry_run is None else dry_run, logger)
     host = flow_host(cfg)
     if not cfg.curator.enabled:
         logger.info("curator.enabled is false: not looking at the GPUs")
@@ -254,27 +266,61 @@ def curate_gpus(dry_run: bool | None = None) -> CuratorReport:
                   logger)
 
 
-def curate(cfg: MqiConfig, host: Host, pool: GpuPool, dry_run: bool,
-           logger: Logger) -> CuratorReport:
-    """One curator run (the flow's body; the flow loads what it works with)."""
+def curate_pool(cfg: MqiConfig, dry_run: bool, logger: Logger) -> CuratorReport:
+    """Several GPU hosts: one look per host (its own table ``gpu-pool-<host>``, state and
+    repairs, in its own work root), then the admission limit sized to their sum; a host
+    that does not answer counts for nothing until it answers again."""
     from prefect.client.orchestration import get_client
 
-    name = host_name(host)
-    last = load_last_look(cfg)
+    from flows.placement import host_view, pool_hosts
+
+    hosts = pool_hosts(cfg)
+    reports = [curate(host_view(cfg, h.name), h.host, h.pool, dry_run, logger, pooled=True)
+               for h in hosts]
+    total = CuratorReport(host=", ".join(r.host for r in reports), dry_run=dry_run,
+                          answered=any(r.answered for r in reports),
+                          gpus=sum(r.gpus for r in reports),
+                          usable=sum(r.usable for r in reports),
+                          slots=sum(r.slots for r in reports if r.answered),
+                          warnings=[w for r in reports for w in r.warnings],
+                          repairs=[m for r in reports for m in r.repairs])
+    with get_client(sync_client=True) as client:
+        if total.slots < 1:
+            total.limit = _limit(client, hosts[0].pool.limit_name)
+            logger.info("no GPU host answers with a GPU: admission limit left at %s",
+                        total.limit)
+        else:
+            total.limit, note = _set_limit(client, hosts[0].pool, total.slots, logger)
+            logger.info("%s (GPU hosts: %s)", note, total.host)
+    return total
+
+
+def curate(cfg: MqiConfig, host: Host, pool: GpuPool, dry_run: bool,
+           logger: Logger, *, pooled: bool = False) -> CuratorReport:
+    """One curator run (the flow's body; the flow loads what it works with).
+
+    ``pooled``: ``cfg`` is the view of one of several GPU hosts; its state and table are
+    its own, and the limit is sized by ``curate_pool`` for all of them."""
+    from prefect.client.orchestration import get_client
+
+    name = cfg.gpu.host if pooled else host_name(host)
+    last = load_last_look(cfg, pooled)
     report = CuratorReport(host=name, dry_run=dry_run)
     try:
         found = survey(host, pool, cfg.paths.remote_work_root)
     except (HostError, GpuQueryError) as exc:
-        return _unanswered(cfg, name, last, exc, report, logger)
+        return _unanswered(cfg, name, last, exc, report, logger, pooled)
     with get_client(sync_client=True) as client:
         runs = read_runs(client, _case_ids(found))
-        repairs = _repair(cfg, host, name, found, runs, client, dry_run, logger)
+        repairs = _repair(cfg, host, name, found, runs, client, dry_run, logger, pooled)
         if any(r.done and r.kind == "stale-process" for r in repairs):
             found = survey(host, pool, cfg.paths.remote_work_root)  # the locks freed
             runs = read_runs(client, _case_ids(found))
         rows = gpu_rows(name, found, pool, cfg.curator.max_temperature_c, runs)
         rows, look = compare(rows, last, name)
-        report.limit, limit_note = _size_limit(client, pool, rows, logger)
+        report.slots = _slots(pool, rows)
+        report.limit, limit_note = (None, "admission limit sized with the other GPU hosts") \
+            if pooled else _size_limit(client, pool, rows, logger)
     report.gpus = len(found.gpus)
     report.usable = sum(r.usable for r in rows)
     report.repairs = [r.message for r in repairs]
@@ -286,16 +332,16 @@ def curate(cfg: MqiConfig, host: Host, pool: GpuPool, dry_run: bool,
         logger.warning("%s", redact(message))
     for message in report.repairs:
         logger.warning("%s", redact(message))
-    _record(name, rows, report, limit_note)
+    _record(name, rows, report, limit_note, _artifact_key(cfg, pooled))
     _emit(name, rows, new.values(), repairs)
-    save_last_look(cfg, look)
+    save_last_look(cfg, look, pooled)
     logger.info("%s: %d GPU(s), %d usable now; %s", name, report.gpus, report.usable,
                 limit_note)
     return report
 
 
 def _unanswered(cfg: MqiConfig, name: str, last: LastLook, exc: Exception,
-                report: CuratorReport, logger: Logger) -> CuratorReport:
+                report: CuratorReport, logger: Logger, pooled: bool = False) -> CuratorReport:
     """The host did not answer: warn (once), show the GPUs last seen, keep them for the
     next look, and leave the limit alone: a host back from a reboot must not count as
     every GPU gone and back."""
@@ -322,15 +368,17 @@ def _unanswered(cfg: MqiConfig, name: str, last: LastLook, exc: Exception,
                    memory_free_mib=None, memory_total_mib=None, utilization_pct=None,
                    temperature_c=None, why=f"the host does not answer ({kind})")
             for u, (i, n) in sorted({**last.gpus}.items(), key=lambda kv: kv[1][0])]
-    _record(name, rows, report, "admission limit left as it was")
+    _record(name, rows, report, "its GPUs are out of the admission limit" if pooled
+            else "admission limit left as it was", _artifact_key(cfg, pooled))
     # what it reported last stays for the next look; only the warning in force changes
     save_last_look(cfg, LastLook(gpus=last.gpus, missing=last.missing, warnings={key},
-                                 looked=last.looked))
+                                 looked=last.looked), pooled)
     return report
 
 
 def _repair(cfg: MqiConfig, host: Host, name: str, found: HostSurvey, runs: RunIndex,
-            client: SyncPrefectClient, dry_run: bool, logger: Logger) -> list[Repair]:
+            client: SyncPrefectClient, dry_run: bool, logger: Logger,
+            pooled: bool = False) -> list[Repair]:
     if not found.groups:
         # Without the process table every group looks dead: each quiet running case
         # would pass for a zombie. Judge nothing rather than crash live runs.
@@ -354,7 +402,10 @@ def _repair(cfg: MqiConfig, host: Host, name: str, found: HostSurvey, runs: RunI
     heard = newest_logs(client, runs.running, now - timedelta(seconds=quiet))
     repairs += [tried("zombie-run", run.case_id, str(run.id),
                       partial(crash_zombie, client, name, run, stages, why, quiet, dry_run))
-                for run, stages, why in zombie_runs(cfg, found, runs, heard, now)]
+                for run, stages, why in zombie_runs(cfg, found, runs, heard, now)
+                # one host of several judges only the runs whose stages ran on it
+                if not pooled or any(p.case_id == run.case_id and p.short == run.folder
+                                     for p in found.pid_files)]
     repairs += [tried("leftover-folder", folder.case_id, folder.path,
                       partial(remove_folder, cfg, host, folder, run, dry_run))
                 for folder, run in leftover_folders(cfg, found, runs, now)]
@@ -377,14 +428,24 @@ def _size_limit(client: SyncPrefectClient, pool: GpuPool, rows: list[GpuRow],
     simulation is not lost to the pool). At least 1 while any GPU is there: a request
     for more slots than the limit fails instead of waiting, so with every GPU taken by
     foreign processes one beam waits for one, saying why (GpuPool.choose_index)."""
-    from prefect.events import emit_event
-
     present = [r for r in rows if r.memory_total_mib is not None
                and (pool.indices is None or r.index in pool.indices)]
     if not present:
         now = _limit(client, pool.limit_name)
         return now, f"admission limit {pool.limit_name} left at {now}: no GPU selected"
-    slots = max(1, sum(r.usable or r.held_by_us for r in present))
+    return _set_limit(client, pool, max(1, _slots(pool, rows)), logger)
+
+
+def _slots(pool: GpuPool, rows: list[GpuRow]) -> int:
+    """GPUs present, selected, and usable now or held by a run of ours."""
+    return sum(bool(r.usable or r.held_by_us) for r in rows if r.memory_total_mib is not None
+               and (pool.indices is None or r.index in pool.indices))
+
+
+def _set_limit(client: SyncPrefectClient, pool: GpuPool, slots: int,
+               logger: Logger) -> tuple[int, str]:
+    from prefect.events import emit_event
+
     before = pool.set_limit(slots)
     if before != slots:
         logger.warning("admission limit %s: %s → %s GPU(s)", pool.limit_name, before, slots)
@@ -425,7 +486,8 @@ def _emit(name: str, rows: list[GpuRow], new: Any, repairs: list[Repair]) -> Non
                             "message": redact(repair.message), "host": name})
 
 
-def _record(name: str, rows: list[GpuRow], report: CuratorReport, limit_note: str) -> None:
+def _record(name: str, rows: list[GpuRow], report: CuratorReport, limit_note: str,
+            key: str = ARTIFACT_KEY) -> None:
     """The ``gpu-pool`` table artifact (Prefect keeps every version under the key)."""
     from prefect.artifacts import create_table_artifact
 
@@ -436,5 +498,5 @@ def _record(name: str, rows: list[GpuRow], report: CuratorReport, limit_note: st
     for message in report.repairs:
         lines.append(f"- {'(dry run) ' if report.dry_run else ''}{message}")
     table = [row.as_record() for row in rows] or [{"host": name, "index": None, "why": "no GPU"}]
-    create_table_artifact(table=table, key=ARTIFACT_KEY, description=redact("\n".join(lines)))
+    create_table_artifact(table=table, key=key, description=redact("\n".join(lines)))
 

@@ -155,10 +155,13 @@ class RemoteLayout:
         return values
 
 
-def remote_layout(cfg: MqiConfig, case_id: str, flow_run_id: UUID | str) -> RemoteLayout:
-    """The remote work folder of flow run ``flow_run_id`` of case ``case_id``."""
-    return RemoteLayout(cfg.paths.remote_work_root.rstrip("/") or "/", case_id,
-                        short_run_id(flow_run_id))
+def remote_layout(cfg: MqiConfig, case_id: str, flow_run_id: UUID | str,
+                  host: str | None = None) -> RemoteLayout:
+    """The remote work folder of flow run ``flow_run_id`` of case ``case_id`` on the GPU
+    host ``host`` (None: the one, or first, GPU host), which may have its own work root."""
+    root = cfg.gpu.host_entry(host or cfg.gpu.primary).remote_work_root \
+        or cfg.paths.remote_work_root
+    return RemoteLayout(root.rstrip("/") or "/", case_id, short_run_id(flow_run_id))
 
 
 def results_dir(cfg: MqiConfig, case_id: str) -> Path:

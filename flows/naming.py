@@ -120,6 +120,13 @@ CONFIG_BLOCK = "mqi-config"
 HOST_BLOCK = "mqi-gpu-host"
 """The GPU host: an MQI Remote Host or MQI Local Host block, secrets as SecretStr."""
 POOL_BLOCK = "mqi-gpu-pool"
+
+
+def gpu_host_block(name: str) -> str:
+    """The block of one of several GPU hosts (``gpu.hosts``): ``mqi-gpu-host-<name>``."""
+    return f"{HOST_BLOCK}-{name.lower().replace('_', '-')}"
+
+
 RESULTS_BLOCK = "mqi-results"
 """A local-file-system block: where stage results are kept for every process."""
 

@@ -100,6 +100,8 @@ class SimulationOutcome:
     gpu: int
     seconds: float
     waited: float
+    host: str | None = None
+    """Which of several GPU hosts (``gpu.hosts``) ran it; None with one GPU host."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from config import ConfigError, MqiConfig, MqiError
 from config.models import BEAM_STEPS, GPU_STEP, LOCAL_STEPS, QA_STEP
 from config.redaction import install
 from config.templates import TemplateError
-from flows import case_report
+from flows import case_report, several_hosts
 from flows.case_inspection import CaseInfo, CaseRejected, case_redactor, pseudonym
 from flows.commands import CaseIdError, render_step_command, validate_case_id
 from flows.dose_qa import announce, compare_dose_stage, must_fail
@@ -42,6 +42,7 @@ from flows.naming import (
     run_name,
 )
 from flows.outcomes import CaseFailed, CaseOutcome, SimulationOutcome, StageFailed
+from flows.placement import HostLost
 from flows.settings import flow_config, flow_host, flow_pool, hook_attempt, result_storage
 from flows.stages import (
     beam_step,
@@ -73,7 +74,7 @@ R = TypeVar("R")
 
 WILL_NOT_HEAL: tuple[type[Exception], ...] = (
     HostAuthenticationError, HostKeyError, MissingSecretError, ConfigError, TemplateError,
-    CaseIdError, CaseRejected)
+    CaseIdError, CaseRejected, HostLost)
 """Failures a retry cannot fix: refused credentials or host key, a missing key file or
 secret, a configuration or template error, a rejected case. They end the stage at once."""
 
@@ -102,14 +103,15 @@ def kill_remote_processes(flow: Any, flow_run: Any, state: Any) -> None:
         validate_case_id(case_id, cfg.cases.id_pattern)
     except CaseIdError:
         return
-    layout = remote_layout(cfg, case_id, flow_run.parameters.get("resume") or flow_run.id)
-    host = flow_host(cfg, attempt)
-    listed = host.run(f"ls -1 -- {shlex.quote(layout.pid_dir)}", check=False, stream=False)
-    for name in listed.stdout.split():
-        if name.endswith(".pid"):
-            killed = host.kill_pid_file(f"{layout.pid_dir}/{name}")
-            logger.warning("case %s is %s: killed remote %s: %s", case_id, state.name, name,
-                           killed)
+    run_id = flow_run.parameters.get("resume") or flow_run.id
+    for host_name, host in several_hosts.hosts_to_clean(cfg, attempt, logger):
+        layout = remote_layout(cfg, case_id, run_id, host_name)
+        listed = host.run(f"ls -1 -- {shlex.quote(layout.pid_dir)}", check=False, stream=False)
+        for name in listed.stdout.split():
+            if name.endswith(".pid"):
+                killed = host.kill_pid_file(f"{layout.pid_dir}/{name}")
+                logger.warning("case %s is %s: killed remote %s: %s", case_id, state.name,
+                               name, killed)
 
 
 def _flow_run_id() -> str:
@@ -185,37 +187,50 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     # of their cache keys, so a retry of this run resumes and another run starts afresh
     # in its own, empty folder (flows/stages.py).
     run_id = resume or _flow_run_id()
-    layout = remote_layout(cfg, case_id, run_id)
-    page.done("upload", upload_stage.with_options(**_options(cfg, "upload"))(
-        info.case_dir, case_id, digest, run_id, layout.case_dir))
-
     steps = [s for s in cfg.workflows[workflow] if s not in LOCAL_STEPS]
+    # Several GPU hosts: the case is uploaded to, and its case steps run on, the host with
+    # the most free GPUs; other hosts get them when a beam runs there (flows/placement.py).
+    home = several_hosts.start(cfg, info, run_id, steps, logger)
+    layout = remote_layout(cfg, case_id, run_id, home)
+    if home is None:
+        page.done("upload", upload_stage.with_options(**_options(cfg, "upload"))(
+            info.case_dir, case_id, digest, run_id, layout.case_dir))
+    else:
+        page.done("upload", f"to {home} (and to each other host a beam runs on)")
+
     sims: dict[int, SimulationOutcome] = {}
     failures: list[str] = []
     i = 0
     while i < len(steps) and not failures:
         step = steps[i]
         if step not in BEAM_STEPS:
-            command = render_step_command(cfg, step, layout.step_values(step))
-            page.done(step, case_step.with_options(**_options(cfg, step))(
-                step, case_id, digest, run_id, command))
+            if home is None:  # (several GPU hosts: they ran on the home host already)
+                command = render_step_command(cfg, step, layout.step_values(step))
+                page.done(step, case_step.with_options(**_options(cfg, step))(
+                    step, case_id, digest, run_id, command))
+            else:
+                page.done(step, f"on {home}")
             i += 1
             continue
         if GPU_STEP in steps[i:] and not sims:
             # The admission limit must exist (`mqi run` may come before any `mqi up`);
             # sizing it to the GPUs is `mqi up`'s and the curator's work, not each case's.
-            flow_pool(cfg).ensure_limit_exists(flow_host(cfg))
+            if home is not None:
+                several_hosts.ensure_limit_exists(cfg, logger)
+            else:
+                flow_pool(cfg).ensure_limit_exists(flow_host(cfg))
         chain = []  # consecutive per-beam steps run as one chain per beam, beams in parallel
         while i < len(steps) and steps[i] in BEAM_STEPS:
             chain.append(steps[i])
             i += 1
-        sims, failures = _run_beam_chains(cfg, info, run_id, layout, chain)
+        sims, failures = _run_beam_chains(cfg, info, run_id, layout, chain, steps[:i])
     if failures:
         raise CaseFailed(case_id, failures)
 
     beams = [b.number for b in info.beams]
-    downloaded = download_stage.with_options(**_options(cfg, "download"))(
-        case_id, digest, run_id, tuple(steps), tuple(sorted(sims)))
+    downloaded = several_hosts.downloaded(run_id) if home is not None else \
+        download_stage.with_options(**_options(cfg, "download"))(
+            case_id, digest, run_id, tuple(steps), tuple(sorted(sims)))
     page.done("download", downloaded)
     files = verify_stage(case_id, beams)
     page.done("verify", files)
@@ -227,7 +242,10 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     page.done("report", report)
     if cfg.paths.clean_remote_work_dir:
         # check=False: the case's folder stays while another run's folder is in it
-        flow_host(cfg).run(layout.removal_command(), stream=False, check=False)
+        if home is not None:
+            several_hosts.remove_work(cfg, case_id, run_id, logger)
+        else:
+            flow_host(cfg).run(layout.removal_command(), stream=False, check=False)
     if qa is not None and (failure := must_fail(qa)) is not None:
         raise failure
     logger.info("case %s COMPLETED%s: results in %s", case_id,
@@ -238,7 +256,8 @@ def process_case(case_dir: str, workflow: str = "default_qa",
 
 
 def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, run_id: str, layout: RemoteLayout,
-                     chain: list[str]) -> tuple[dict[int, SimulationOutcome], list[str]]:
+                     chain: list[str], before: list[str] | None = None,
+                     ) -> tuple[dict[int, SimulationOutcome], list[str]]:
     """Run every beam's chain of steps, beams in parallel; return sim results and failures.
 
     A beam's next step is submitted only once its previous step completed, so a
@@ -247,9 +266,17 @@ def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, run_id: str, layout: Remote
     """
     case_id, digest = info.case_id, info.manifest_digest
     beams = {beam.number: beam for beam in info.beams}
+    # Several GPU hosts: each beam's chain runs on the host of its simulation, then its
+    # RT Dose comes back from there; a host lost mid-way sends the beam elsewhere.
+    pooled = several_hosts.Chains(cfg, info, run_id, chain, before or []) \
+        if cfg.gpu.several_hosts else None
+    if pooled is not None:
+        chain = pooled.chain
 
     def submit(beam_number: int, position: int) -> PrefectFuture[Any]:
         step, beam = chain[position], beams[beam_number]
+        if pooled is not None:
+            return pooled.submit(beam, position, sims, _options(cfg, step))
         if step == GPU_STEP:
             return simulate_beam.with_options(**_options(cfg, step)).submit(
                 case_id, digest, run_id, beam)
@@ -257,8 +284,8 @@ def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, run_id: str, layout: Remote
         return beam_step.with_options(**_options(cfg, step)).submit(
             step, case_id, digest, run_id, beam.number, command)
 
-    running = {submit(number, 0): (number, 0) for number in beams}
     sims: dict[int, SimulationOutcome] = {}
+    running = {submit(number, 0): (number, 0) for number in beams}
     failures: list[str] = []
     while running:
         future = next(as_completed(list(running)))
@@ -266,6 +293,13 @@ def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, run_id: str, layout: Remote
         step = chain[position]
         try:
             outcome = future.result()
+        except HostLost as exc:
+            again = pooled.again(beam_number, exc) if pooled is not None else None
+            if again is not None:  # the beam runs again, from its simulation, elsewhere
+                running[submit(beam_number, again)] = (beam_number, again)
+                continue
+            failures.append(f"{step} [beam {beam_number}]: {exc}")
+            case_report.current().failed_stage(step, beam_number, exc)
         except StageFailed as exc:  # already names the step and the beam
             failures.append(exc.summary)
             case_report.current().failed_stage(step, beam_number, exc)
@@ -277,6 +311,8 @@ def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, run_id: str, layout: Remote
             case_report.current().done(step, outcome, beam_number)
             if step == GPU_STEP:
                 sims[beam_number] = outcome
+            if pooled is not None:
+                pooled.done(step, outcome)
             if position + 1 < len(chain):
                 running[submit(beam_number, position + 1)] = (beam_number, position + 1)
             continue

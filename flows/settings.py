@@ -10,6 +10,8 @@ mid-run cannot send later stages to another host).
 ``MQI_CONFIG_PATH`` set in the flow's own environment (``mqi run``, tests) means
 "this file, wholly": its configuration and the host and pool it describes. The
 GPU host block is otherwise the truth for the host, since credentials live there.
+With several GPU hosts (``gpu.hosts``) each is its own block, ``mqi-gpu-host-<name>``
+(``flow_gpu_hosts``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from blocks.gpu_pool import GpuPool
 from blocks.host import Host
 from config import ENV_VAR, ConfigError, MqiConfig, get_config
 from config.loader import parse_config
-from flows.naming import CONFIG_BLOCK, HOST_BLOCK, POOL_BLOCK, RESULTS_BLOCK
+from flows.naming import CONFIG_BLOCK, HOST_BLOCK, POOL_BLOCK, RESULTS_BLOCK, gpu_host_block
 
 B = TypeVar("B")
 
@@ -85,6 +87,10 @@ def _published_host(_attempt: str, kind: type[Host]) -> Host | None:
     return _load(kind, HOST_BLOCK)
 
 
+def _published_named_host(_attempt: str, kind: type[Host], block: str) -> Host | None:
+    return _load(kind, block)
+
+
 def _published_pool(_attempt: str) -> GpuPool | None:
     return _load(GpuPool, POOL_BLOCK)
 
@@ -98,6 +104,7 @@ def _published_results(_attempt: str) -> str | None:
 
 _config_once = _once_per_attempt(_published_config)
 _host_once = _once_per_attempt(_published_host)
+_named_host_once = _once_per_attempt(_published_named_host)
 _pool_once = _once_per_attempt(_published_pool)
 _results_once = _once_per_attempt(_published_results)
 
@@ -117,9 +124,29 @@ def flow_host(cfg: MqiConfig, attempt: str | None = None) -> Host:
 
     if _from_file():
         return gpu_host(cfg)
-    kind = LocalHost if cfg.hosts[cfg.gpu.host].kind == "local" else RemoteHost
+    kind = LocalHost if cfg.hosts[cfg.gpu.primary].kind == "local" else RemoteHost
     host = _host_once(current_attempt() if attempt is None else attempt, kind)
     return cast(Host, host) if host is not None else gpu_host(cfg)
+
+
+def flow_gpu_hosts(cfg: MqiConfig, attempt: str | None = None) -> dict[str, Host]:
+    """Every GPU host by name (``gpu.hosts``; one host: ``flow_host``'s alone)."""
+    from blocks.factory import host_from_settings
+    from blocks.local_host import LocalHost
+    from blocks.remote_host import RemoteHost
+
+    if not cfg.gpu.several_hosts:
+        return {cfg.gpu.primary: flow_host(cfg, attempt)}
+    hosts: dict[str, Host] = {}
+    for name in cfg.gpu.host_names:
+        found = None
+        if not _from_file():
+            kind = LocalHost if cfg.hosts[name].kind == "local" else RemoteHost
+            found = _named_host_once(current_attempt() if attempt is None else attempt, kind,
+                                     gpu_host_block(name))
+        hosts[name] = cast(Host, found) if found is not None else \
+            host_from_settings(name, cfg.hosts[name])
+    return hosts
 
 
 def flow_pool(cfg: MqiConfig) -> GpuPool:

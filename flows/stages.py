@@ -16,13 +16,15 @@ a stage whose command names no path in the folder.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import functools
 import itertools
 import logging
 import shlex
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -30,9 +32,13 @@ from uuid import UUID
 from prefect import get_run_logger, task
 
 from blocks.gpu_pool import LOCK_BUSY_EXIT
+from blocks.host import Host
+from config import MqiConfig
 from config.models import GPU_STEP
+from flows import placement
 from flows.caching import StageIdentity
 from flows.case_inspection import Beam, CaseInfo, inspect_case
+from flows.commands import render_step_command
 from flows.dose_qa import DoseQaOutcome
 from flows.layout import remote_layout, results_dir
 from flows.moqui_input import render_simulation
@@ -74,41 +80,69 @@ def inspect_stage(case_dir: str) -> CaseInfo:
 @task(name="upload", task_run_name="upload", cache_policy=StageIdentity(exclude=("case_dir",)),
       persist_result=True)
 def upload_stage(case_dir: str, case_id: str, digest: str, flow_run_id: str,
-                 remote_dir: str) -> UploadOutcome:
-    """Send the case to ``remote_dir``; the same content there again is not sent again."""
+                 remote_dir: str, host: str | None = None) -> UploadOutcome:
+    """Send the case to ``remote_dir``; the same content there again is not sent again.
+
+    ``host``: which of several GPU hosts (``gpu.hosts``); None: the one GPU host."""
     cfg = flow_config()
-    layout = remote_layout(cfg, case_id, flow_run_id)
-    host = flow_host(cfg)
-    host.run(f"mkdir -p -- {shlex.quote(layout.pid_dir)} {shlex.quote(layout.log_dir)}",
-             stream=False)
-    result = host.upload(case_dir, remote_dir)
-    get_run_logger().info("upload: %d file(s), %.1f MB in %.2f s (%d already there)",
-                          len(result.files), result.bytes / 1e6, result.seconds,
-                          len(result.skipped))
+    layout = remote_layout(cfg, case_id, flow_run_id, host)
+    target = _host(cfg, host)
+    target.run(f"mkdir -p -- {shlex.quote(layout.pid_dir)} {shlex.quote(layout.log_dir)}",
+               stream=False)
+    result = target.upload(case_dir, remote_dir)
+    get_run_logger().info("upload%s: %d file(s), %.1f MB in %.2f s (%d already there)",
+                          f" to {host}" if host else "", len(result.files), result.bytes / 1e6,
+                          result.seconds, len(result.skipped))
     return UploadOutcome(files=len(result.files), skipped=len(result.skipped),
                          bytes=result.bytes, seconds=result.seconds)
+
+
+def _host(cfg: MqiConfig, name: str | None) -> Host:
+    """The GPU host a stage runs on: the named one of several, or the one."""
+    return flow_host(cfg) if name is None else placement.by_name(cfg, name).host
 
 
 @task(name="case-step", task_run_name="{step}", cache_policy=StageIdentity(),
       persist_result=True)
 def case_step(step: str, case_id: str, digest: str, flow_run_id: str,
-              command: str) -> StepOutcome:
-    """A workflow step that runs once per case (``run_interpreter``)."""
+              command: str, host: str | None = None) -> StepOutcome:
+    """A workflow step that runs once per case (``run_interpreter``); with several GPU
+    hosts, once per host the case's beams use (``host``)."""
     cfg = flow_config()
-    result = run_remote(flow_host(cfg), cfg, remote_layout(cfg, case_id, flow_run_id), step,
-                        command)
+    result = run_remote(_host(cfg, host), cfg, remote_layout(cfg, case_id, flow_run_id, host),
+                        step, command)
     return StepOutcome(step=step, seconds=result.duration)
 
 
 @task(name="beam-step", task_run_name="{step}-beam{beam_number}", cache_policy=StageIdentity(),
       persist_result=True)
 def beam_step(step: str, case_id: str, digest: str, flow_run_id: str, beam_number: int,
-              command: str) -> StepOutcome:
-    """A workflow step that runs once per beam and needs no GPU (``convert_to_dicom``)."""
+              command: str, host: str | None = None) -> StepOutcome:
+    """A workflow step that runs once per beam and needs no GPU (``convert_to_dicom``), on
+    the host that ran the beam's simulation (``host``, with several GPU hosts).
+
+    Raises:
+        HostLost: That host stopped answering: the beam must run again elsewhere.
+    """
     cfg = flow_config()
-    result = run_remote(flow_host(cfg), cfg, remote_layout(cfg, case_id, flow_run_id), step,
-                        command, beam=beam_number)
+    with _on_pool_host(cfg, host):
+        result = run_remote(_host(cfg, host), cfg,
+                            remote_layout(cfg, case_id, flow_run_id, host), step, command,
+                            beam=beam_number)
     return StepOutcome(step=step, seconds=result.duration, beam=beam_number)
+
+
+@contextlib.contextmanager
+def _on_pool_host(cfg: MqiConfig, host: str | None) -> Iterator[None]:
+    """A host error on one of several GPU hosts that no longer answers is ``HostLost``."""
+    try:
+        yield
+    except Exception as exc:
+        if host is not None and placement.host_trouble(exc) \
+                and placement.lost(cfg, placement.by_name(cfg, host), exc, get_run_logger()):
+            raise placement.HostLost(host, str(exc).splitlines()[0] if str(exc) else "") \
+                from exc
+        raise
 
 
 def simulation_recipe(inputs: Mapping[str, Any]) -> str:
@@ -164,50 +198,133 @@ def _rename(run_id: UUID) -> None:
 
 
 @task(name="simulate", task_run_name="run_moqui_sim-beam{beam.number}",
-      cache_policy=StageIdentity(recipe=simulation_recipe), persist_result=True)
-def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam) -> SimulationOutcome:
+      cache_policy=StageIdentity(exclude=("case_dir",), recipe=simulation_recipe),
+      persist_result=True)
+def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
+                  case_dir: str = "", prepare: tuple[str, ...] = (),
+                  avoid: tuple[str, ...] = ()) -> SimulationOutcome:
     """Run MOQUI for one beam on one concrete GPU, held for the whole run.
 
     Admission (the GPU concurrency limit) bounds how many run at once; the
     index is chosen among free GPUs and held by a ``flock`` on the GPU host,
     so losing a race for an index means choosing again, never sharing one.
+
+    With several GPU hosts (flows/placement.py) the beam takes a free (host, index)
+    among the hosts that answer, except ``avoid``; a host this run has not used yet
+    first gets the case (``case_dir``) and its case steps (``prepare``); a host that
+    stops answering mid-way is left for another.
     """
     cfg = flow_config()
     logger = get_run_logger()
-    layout = remote_layout(cfg, case_id, flow_run_id)
-    host = flow_host(cfg)
     pool = flow_pool(cfg)
-    end_earlier_simulation(host, layout, beam.number, logger)
+    avoiding = set(avoid)
+    hosts = placement.pool_hosts(cfg) if cfg.gpu.several_hosts else []
+    if not hosts:  # a retry of this task: the earlier try's process must not run on
+        end_earlier_simulation(flow_host(cfg), remote_layout(cfg, case_id, flow_run_id),
+                               beam.number, logger)
     waited_from = time.monotonic()
-    with pool.admission(logger):
-        for attempt in itertools.count():
-            index = pool.choose_index(host, logger, spread=beam.number + attempt)
-            waited = time.monotonic() - waited_from
-            logger.info("beam %d: GPU %d is ours (waited %.1f s)", beam.number, index, waited)
-            _name_task_run(simulation_task_run_name(beam.number, index))
-            label_gpu(index, simulation_task_run_name(beam.number, index))
-            visible = cfg.gpu.set_cuda_visible_devices
-            sim = render_simulation(cfg, layout, beam, 0 if visible else index)
-            host.write_file(sim.input_file, sim.input_text.encode())
-            progress = BeamProgress(case_id, beam.number, index, cfg.simulated)
-            try:
-                result = run_remote(
-                    host, cfg, layout, GPU_STEP, pool.locked_command(index, sim.command),
-                    beam=beam.number, env={"CUDA_VISIBLE_DEVICES": str(index)} if visible
-                    else None, on_line=progress.line, verdict=moqui_verdict(cfg))
-            except StageFailed as exc:
-                if exc.exit_code == LOCK_BUSY_EXIT:  # nothing ran: no progress to show
-                    logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
-                                beam.number, index)
-                    continue
-                if pool.vanished(host, index, logger):
-                    continue  # the device went between choice and start: choose again
-                progress.finish(failed=True)
+    while True:
+        with pool.admission(logger):
+            for attempt in itertools.count():
+                if hosts:
+                    where = placement.choose(cfg, hosts, logger, spread=beam.number + attempt,
+                                             run_id=flow_run_id, avoid=avoiding)
+                    name, host, gpus, index = where.host.name, where.host.host, where.host.pool, \
+                        where.index
+                    if name not in placement.prepared(flow_run_id):
+                        break  # a host new to this run: the case goes there without a GPU slot
+                else:
+                    name, host, gpus = None, flow_host(cfg), pool
+                    index = pool.choose_index(host, logger, spread=beam.number + attempt)
+                layout = remote_layout(cfg, case_id, flow_run_id, name)
+                waited = time.monotonic() - waited_from
+                logger.info("beam %d: GPU %d%s is ours (waited %.1f s)", beam.number, index,
+                            f" on {name}" if name else "", waited)
+                _name_task_run(simulation_task_run_name(beam.number, index))
+                label_gpu(index, simulation_task_run_name(beam.number, index))
+                visible = cfg.gpu.set_cuda_visible_devices
+                sim = render_simulation(cfg, layout, beam, 0 if visible else index)
+                progress = BeamProgress(case_id, beam.number, index, cfg.simulated)
+                try:
+                    host.write_file(sim.input_file, sim.input_text.encode())
+                    result = run_remote(
+                        host, cfg, layout, GPU_STEP, gpus.locked_command(index, sim.command),
+                        beam=beam.number, env={"CUDA_VISIBLE_DEVICES": str(index)} if visible
+                        else None, on_line=progress.line, verdict=moqui_verdict(cfg))
+                except StageFailed as exc:
+                    if exc.exit_code == LOCK_BUSY_EXIT:  # nothing ran: no progress to show
+                        logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
+                                    beam.number, index)
+                        continue
+                    if gpus.vanished(host, index, logger):
+                        continue  # the device went between choice and start: choose again
+                    progress.finish(failed=True)
+                    if hosts and placement.host_trouble(exc) and placement.lost(
+                            cfg, where.host, exc, logger):
+                        logger.warning("beam %d: GPU host %s stopped answering; choosing another",
+                                       beam.number, name)
+                        avoiding.add(str(name))
+                        continue
+                    raise
+                except Exception as exc:
+                    if hosts and placement.host_trouble(exc) and placement.lost(
+                            cfg, where.host, exc, logger):
+                        progress.finish(failed=True)
+                        logger.warning("beam %d: GPU host %s stopped answering; choosing another",
+                                       beam.number, name)
+                        avoiding.add(str(name))
+                        continue
+                    raise
+                progress.finish()
+                return SimulationOutcome(beam=beam.number, gpu=index, seconds=result.duration,
+                                         waited=waited, host=name)
+        try:  # `where` is set: only a host of several breaks out of the loop above
+            placement.prepare(flow_run_id, where.host.name, functools.partial(
+                prepare_host, cfg, case_dir, case_id, digest, flow_run_id, where.host.name,
+                prepare))
+        except Exception as exc:
+            if not (placement.host_trouble(exc) and placement.lost(cfg, where.host, exc, logger)):
                 raise
-            progress.finish()
-            return SimulationOutcome(beam=beam.number, gpu=index, seconds=result.duration,
-                                     waited=waited)
-    raise AssertionError("unreachable")  # itertools.count() never ends
+            avoiding.add(where.host.name)
+
+
+def prepare_host(cfg: MqiConfig, case_dir: str, case_id: str, digest: str, flow_run_id: str,
+                 host: str, steps: tuple[str, ...]) -> None:
+    """Make one of several GPU hosts ready for the case's beams: the case uploaded there and
+    its case steps (the interpreter) run there — each a stage cached per (run, host)."""
+    from flows.process_case import _options  # the same retry policy and result store
+
+    layout = remote_layout(cfg, case_id, flow_run_id, host)
+    get_run_logger().info("GPU host %s: uploading the case and running %s there", host,
+                          ", ".join(steps) or "no case step")
+    upload_stage.with_options(**_options(cfg, "upload"))(
+        case_dir, case_id, digest, flow_run_id, layout.case_dir, host)
+    for step in steps:
+        command = render_step_command(cfg, step, layout.step_values(step))
+        case_step.with_options(**_options(cfg, step))(step, case_id, digest, flow_run_id,
+                                                       command, host)
+
+
+@task(name="download-beam", task_run_name="download-beam{beam_number}",
+      cache_policy=StageIdentity(), persist_result=True)
+def download_beam(case_id: str, digest: str, flow_run_id: str, beam_number: int,
+                  host: str) -> DownloadOutcome:
+    """Several GPU hosts: bring one beam's RT Dose back from the host that made it.
+
+    Raises:
+        HostLost: That host stopped answering: the beam must run again elsewhere.
+    """
+    cfg = flow_config()
+    layout = remote_layout(cfg, case_id, flow_run_id, host)
+    target = results_dir(cfg, case_id) / "dicom" / f"beam_{beam_number}"
+    with _on_pool_host(cfg, host):
+        result = _host(cfg, host).download(layout.dicom_dir(beam_number), target)
+    get_run_logger().info("download of beam %d from %s: %d file(s), %.1f MB in %.2f s",
+                          beam_number, host, len(result.files), result.bytes / 1e6,
+                          result.seconds)
+    return DownloadOutcome(checksums={f"beam_{beam_number}/{k}": v
+                                      for k, v in result.checksums.items()},
+                           seconds=result.seconds)
 
 
 @task(name="download", task_run_name="download", cache_policy=StageIdentity(), persist_result=True)

@@ -48,7 +48,7 @@ __all__ = ["Check", "diagnose", "run_checks", "tool_argv"]
 def credential_checks(cfg: MqiConfig, login_needs: list[str]) -> Iterator[Check]:
     """Key files of the ssh hosts and every ``*_env`` variable; what the GPU host's
     login would lack is added to ``login_needs``."""
-    gpu = cfg.gpu.host
+    gpu = cfg.gpu.primary
     for name, settings in cfg.hosts.items():
         if settings.kind != "ssh":
             continue
@@ -69,11 +69,11 @@ def credential_checks(cfg: MqiConfig, login_needs: list[str]) -> Iterator[Check]
 def gpu_host_checks(cfg: MqiConfig, login_needs: list[str]) -> Iterator[Check]:
     """Host key, login, tools, remote work root and GPUs; each skipped, not waited
     for, when what it needs failed."""
-    settings = cfg.hosts[cfg.gpu.host]
+    settings = cfg.hosts[cfg.gpu.primary]
     timeout = command_seconds(cfg)
     host: Host | None = None
     if settings.kind == "ssh":
-        check = check_host_key(cfg.gpu.host, settings)
+        check = check_host_key(cfg.gpu.primary, settings)
         yield check
         if not check.passed:
             login_needs.append("a reachable host with a known key")
@@ -111,7 +111,7 @@ def run_checks(cfg: MqiConfig) -> Iterator[Check]:
     yield check_local_dir("scanner.target_directory", Path(cfg.scanner.target_directory),
                           must_exist=True)
     yield check_local_dir("paths.results_root", Path(cfg.paths.results_root), must_exist=False)
-    yield check_api(cfg, timeout=cfg.hosts[cfg.gpu.host].connect_timeout_seconds)
+    yield check_api(cfg, timeout=cfg.hosts[cfg.gpu.primary].connect_timeout_seconds)
 
 
 def speaks_unicode(stream: TextIO) -> bool:

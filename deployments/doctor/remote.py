@@ -15,13 +15,13 @@ from deployments.doctor.check import Check, CheckFailed, attempt
 
 def command_seconds(cfg: MqiConfig) -> float:
     """Deadline of one command the doctor runs on the GPU host."""
-    return max(10.0, 2 * cfg.hosts[cfg.gpu.host].connect_timeout_seconds)
+    return max(10.0, 2 * cfg.hosts[cfg.gpu.primary].connect_timeout_seconds)
 
 
 def doctor_host(cfg: MqiConfig) -> Host:
     """The GPU host as the pipeline builds it, but one attempt to connect and never
     trusting an unknown host key."""
-    name = cfg.gpu.host
+    name = cfg.gpu.primary
     settings = cfg.hosts[name].model_copy(
         update={"connect_retries": 0, "auto_add_host_keys": False})
     return factory.host_from_settings(name, settings)

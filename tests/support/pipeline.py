@@ -49,22 +49,11 @@ class Installation:
         self.control.write_text(json.dumps(data))
 
     def events(self, tool: str | None = None) -> list[dict[str, Any]]:
-        if not self.record.exists():
-            return []
-        rows = [json.loads(line) for line in self.record.read_text().splitlines() if line]
-        return [r for r in rows if tool is None or r["tool"] == tool]
+        return read_record(self.record, tool)
 
     def sim_intervals(self) -> dict[int, list[tuple[float, float, str]]]:
         """GPU index -> [(start, end, beam)] of every finished simulated MOQUI run."""
-        starts: dict[int, dict[str, Any]] = {}
-        by_gpu: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
-        for e in self.events("tps_env"):
-            if e["event"] == "start":
-                starts[e["pid"]] = e
-            elif e["event"] == "end" and e["pid"] in starts:
-                s = starts.pop(e["pid"])
-                by_gpu[e["gpu"]].append((s["t"], e["t"], f"{s['input']}"))
-        return by_gpu
+        return sim_intervals(self.events("tps_env"))
 
     def env(self) -> dict[str, str]:
         """Environment for `mqi` subprocesses of this installation."""
@@ -97,6 +86,28 @@ class Installation:
         return subprocess.run([sys.executable, "-m", "deployments.cli", *args],
                               capture_output=True, text=True, env=self.env(), timeout=timeout,
                               cwd=REPO)
+
+
+def read_record(record: Path, tool: str | None = None) -> list[dict[str, Any]]:
+    """What the simulators recorded in ``record`` (of ``tool`` only, when given)."""
+    if not record.exists():
+        return []
+    rows = [json.loads(line) for line in record.read_text().splitlines() if line]
+    return [r for r in rows if tool is None or r["tool"] == tool]
+
+
+def sim_intervals(events: list[dict[str, Any]]) -> dict[int, list[tuple[float, float, str]]]:
+    """GPU index -> [(start, end, beam)] of every finished simulated MOQUI run in
+    ``events`` (tps_env's records)."""
+    starts: dict[int, dict[str, Any]] = {}
+    by_gpu: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+    for e in events:
+        if e["event"] == "start":
+            starts[e["pid"]] = e
+        elif e["event"] == "end" and e["pid"] in starts:
+            s = starts.pop(e["pid"])
+            by_gpu[e["gpu"]].append((s["t"], e["t"], f"{s['input']}"))
+    return by_gpu
 
 
 def stop(proc: subprocess.Popen[Any], grace: float = 60) -> None:

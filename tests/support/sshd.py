@@ -57,6 +57,9 @@ class SshServer:
     port: int = 0
     username: str = field(default_factory=getpass.getuser)
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables every session gets (sshd_config SetEnv): with several servers on this
+    machine, what makes each a host of its own (e.g. the simulators' control file)."""
     _argv: list[str] = field(default_factory=list)
 
     @property
@@ -105,6 +108,7 @@ class SshServer:
             "MaxStartups 100:30:200\n"
             f"Subsystem sftp {sftp_server}\n"
             "LogLevel ERROR\n"
+            + "".join(f"SetEnv {name}={value}\n" for name, value in self.env.items())
         )
         self._argv = [sshd, "-D", "-e", "-f", str(config)]
         self._launch()
@@ -119,26 +123,35 @@ class SshServer:
         self._wait_listening()
 
     def cut(self) -> None:
-        """The network to the host is cut: sshd and every session it serves die at once
-        (kill -9), as a client sees it when the link goes. What the sessions started in
-        processes groups of their own (our commands run under setsid) keeps running."""
+        """The network to the host is cut: sshd, its session processes and their SFTP
+        servers die at once (kill -9), so open connections break and new ones are refused.
+        What the sessions started (our commands run under setsid) keeps running; a login
+        shell is never killed (one killed mid-way through its profile can leave locks
+        behind on this machine, which is every test's host)."""
         from blocks import procfs
 
-        assert self.process is not None
-        children: dict[int, list[int]] = {}
-        for proc in procfs.all_stats():
-            children.setdefault(proc.ppid, []).append(proc.pid)
-        sessions, todo = [], [self.process.pid]
-        while todo:  # sshd's own session processes (privsep children), not what they run
-            for child in children.get(todo.pop(), []):
-                if _is_sshd(child):
-                    sessions.append(child)
+        if self.process is None:
+            return
+        os.kill(self.process.pid, signal.SIGSTOP)  # no new session while they are killed
+        while True:
+            children: dict[int, list[int]] = {}
+            for proc in procfs.all_stats():
+                if proc.alive:
+                    children.setdefault(proc.ppid, []).append(proc.pid)
+            doomed, todo = [], [self.process.pid]
+            while todo:
+                for child in children.get(todo.pop(), []):
                     todo.append(child)
+                    if _is_sshd(child):
+                        doomed.append(child)
+            if not doomed:
+                break
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
         self.process.kill()
         self.process.wait()
-        for pid in sessions:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
     def restart(self) -> None:
         """Start sshd again on the same port, keys and configuration (after ``cut``)."""
@@ -193,8 +206,8 @@ class SshServer:
 
 
 def _is_sshd(pid: int) -> bool:
+    """sshd itself or its SFTP server: what carries the connections, no login shell."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"sshd" in fh.read().split(b"\0")[0]
+        return Path(f"/proc/{pid}/comm").read_text().strip().startswith(("sshd", "sftp-server"))
     except OSError:
         return False
