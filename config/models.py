@@ -627,8 +627,9 @@ def gpu_host_issues(cfg: MqiConfig) -> list[tuple[str, str]]:
     if len(names) > 1:
         for wf, steps in cfg.workflows.items():
             beam_at = [i for i, s in enumerate(steps) if s in BEAM_STEPS]
+            # (steps on this machine, compare_dose, run after the results are back)
             late = [s for i, s in enumerate(steps) if beam_at and i > beam_at[0]
-                    and s not in BEAM_STEPS]
+                    and s not in BEAM_STEPS and s not in LOCAL_STEPS]
             if late:
                 issues.append((f"workflows.{wf}", f"with several GPU hosts, case steps "
                                                   f"({', '.join(late)}) must come before the "

@@ -256,15 +256,16 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
                         logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
                                     beam.number, index)
                         continue
-                    if gpus.vanished(host, index, logger):
-                        continue  # the device went between choice and start: choose again
-                    progress.finish(failed=True)
                     if hosts and placement.host_trouble(exc) and placement.lost(
                             cfg, where.host, exc, logger):
+                        progress.finish(failed=True)
                         logger.warning("beam %d: GPU host %s stopped answering; choosing another",
                                        beam.number, name)
                         avoiding.add(str(name))
                         continue
+                    if gpus.vanished(host, index, logger):
+                        continue  # the device went between choice and start: choose again
+                    progress.finish(failed=True)
                     raise
                 except Exception as exc:
                     if hosts and placement.host_trouble(exc) and placement.lost(
