@@ -7,6 +7,7 @@
     mqi status [--failed] [--json] [--all-gpus]   one line per case (runs and the sensor's
                                    intake states), from the Prefect API and the ledger
     mqi rerun CASE_ID | --all-failed  retry failed runs on serve/workers; finished stages reused
+    mqi logs CASE_ID [--step S] [--beam N]   a case's stage logs, patient ids redacted
     mqi deploy [--config PATH]     publish the blocks, create the work pool, deploy for workers
     mqi doctor [--config PATH]     check that everything a case needs is there and answers
     mqi archive [--dry-run] [--case ID]   archive finished cases now, in the foreground
@@ -15,7 +16,8 @@
 Exit status 0 means success. Every expected failure is an ``MqiError``: its
 message goes to stderr as ``mqi: <message>`` and its ``exit_status`` is the exit
 status (2 for a configuration problem, which names the file and key path), never
-a traceback. Which configuration file a command uses is said once, on stderr.
+a traceback. Which configuration file and Prefect API a command uses is said once,
+as the first line on stderr (``-v``/``--verbose`` adds mqi's own log lines after it).
 
 Nothing here imports Prefect at module level: Prefect reads its settings at
 import, and the commands set the API address first.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -67,7 +70,9 @@ def masked_config(cfg: MqiConfig) -> dict[str, Any]:
 
 def config_file(given: str | None, *, flag: str = "--config",
                 default: Path | None = None) -> Path:
-    """The configuration file a command uses, said once on stderr with where it came from.
+    """The configuration file a command uses, said once on stderr with where it came from
+    and the Prefect API it names: the first line of what every command says there, its
+    errors included, so that no command looks at another installation unnoticed.
 
     ``given`` (named ``flag`` in the message) wins; then the command's own
     ``default`` (``mqi demo``'s profile); then ``$MQI_CONFIG_PATH``; then the
@@ -80,8 +85,17 @@ def config_file(given: str | None, *, flag: str = "--config",
     else:
         path, source = default or DEFAULT_PATH, "default"
     path = path.resolve()
-    print(f"mqi: config {path} ({source})", file=sys.stderr, flush=True)
+    print(f"mqi: config {path} ({source}); {api_of(path)}", file=sys.stderr, flush=True)
     return path
+
+
+def api_of(path: Path) -> str:
+    """``Prefect API <url>`` as the configuration at ``path`` names it (the command then
+    loads it again, and says what is wrong with it when it is not valid)."""
+    try:
+        return f"Prefect API {load_config(path).prefect.effective_api_url}"
+    except MqiError:
+        return "Prefect API unknown (the configuration is not valid)"
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -135,6 +149,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         print(format_table(rows, only_failed=args.failed))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from deployments.foreground import use_config
+    from deployments.logs_cli import case_logs
+
+    cfg = use_config(config_file(args.config))
+    for line in case_logs(cfg, args.case_id, args.step, args.beam):
+        print(line)
     return 0
 
 
@@ -230,6 +254,9 @@ def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqi", description="MQI Communicator: automated treatment verification with MOQUI.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also say on stderr what mqi does (its INFO log lines); the "
+                             "first line names the config file and the Prefect API")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="one of:")
     config = _config_option(f"${ENV_VAR}, else the bundled config.default.yaml")
@@ -271,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "newest (slower)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    logs = _command(sub, "logs", cmd_logs, "print a case's stage logs (from its results "
+                    "folder, else from the Prefect API), patient ids redacted", config)
+    logs.add_argument("case_id", help="the case")
+    logs.add_argument("--step", metavar="STEP",
+                      help="only this stage (run_interpreter, run_moqui_sim, ...)")
+    logs.add_argument("--beam", type=int, metavar="N", help="only this beam's logs")
+
     rerun = _command(sub, "rerun", cmd_rerun, "run a failed case again; stages that completed "
                      "for the same inputs are not repeated", config, workflow)
     which = rerun.add_mutually_exclusive_group(required=True)
@@ -304,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mqi: %(name)s: %(message)s"))
+        logging.getLogger("mqi").addHandler(handler)
+        logging.getLogger("mqi").setLevel(logging.INFO)
     try:
         return int(args.func(args))
     except MqiError as exc:

@@ -9,6 +9,7 @@ the system then stops.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -64,6 +65,15 @@ def print_results(cfg: MqiConfig, case_id: str) -> None:
     print(f"Dashboard: {server.ui_url(cfg)}", flush=True)
 
 
+def how_to_look(config_file: Path, case_id: str) -> str:
+    """How to reach this installation from another terminal: every `mqi` command
+    without ``--config`` reads $MQI_CONFIG_PATH or the bundled default, not the demo's."""
+    config = shlex.quote(str(config_file))
+    return (f"this is the demo installation; look at it with --config:\n"
+            f"  mqi status --config {config}\n"
+            f"  mqi logs --config {config} {case_id}")
+
+
 def run_demo(cfg: MqiConfig, config_file: Path, *, once: bool, timeout: float) -> None:
     """The system, up until a signal (or, with ``once``, until the demo case is done).
 
@@ -82,6 +92,7 @@ def run_demo(cfg: MqiConfig, config_file: Path, *, once: bool, timeout: float) -
             problems.append(problem)
             if not once:
                 print(f"mqi: {problem}", file=sys.stderr, flush=True)
+        print(how_to_look(config_file, case_id), flush=True)
         return once
 
     up.run_system(cfg, config_file, on_up=scenario)

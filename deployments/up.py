@@ -297,6 +297,29 @@ def check_api(cfg: MqiConfig) -> None:
                                  f"or set prefect.api_url to use it")
 
 
+def make_missing_folders(cfg: MqiConfig) -> list[str]:
+    """Create the scan root and the results root where they do not exist; one line each.
+
+    A missing scan root otherwise leaves the sensor logging an error and waiting.
+    Said, not silent: a scan root that should be a mounted share and is not mounted
+    yet is then an empty local folder, and the operator must know it was made here.
+
+    Raises:
+        MqiError: A folder could not be made (naming it, its config key and why).
+    """
+    said = []
+    for key, folder in (("scanner.target_directory", Path(cfg.scanner.target_directory)),
+                        ("paths.results_root", Path(cfg.paths.results_root))):
+        if folder.is_dir():
+            continue
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise MqiError(f"cannot create {folder} ({key}): {exc.strerror}") from None
+        said.append(f"created {folder} ({key}): it did not exist")
+    return said
+
+
 def run_system(cfg: MqiConfig, config_file: Path, on_up: OnUp | None = None) -> None:
     """Bring everything up, call ``on_up(stop_requested)`` once it is, supervise until a
     signal (or until ``on_up`` returns True), then stop everything.
@@ -315,6 +338,8 @@ def run_system(cfg: MqiConfig, config_file: Path, on_up: OnUp | None = None) -> 
     lock = take_instance_lock(cfg)
     try:
         check_api(cfg)
+        for line in make_missing_folders(cfg):
+            print(line, flush=True)
         received: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: received.append(signum))

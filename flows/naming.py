@@ -8,6 +8,7 @@ Nothing here imports Prefect.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from uuid import UUID
 
@@ -88,9 +89,29 @@ def gpu_from_task_run_name(name: str) -> tuple[int, int] | None:
 
 
 def report_artifact_key(case_id: str) -> str:
-    """The report artifact's key: Prefect allows lowercase letters, digits and dashes."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", case_id.lower()).strip("-")[:60] or "case"
-    return f"case-{slug}"
+    """``case-<case_id>``: the key of the case report artifact on each of its flow runs.
+
+    Prefect allows only lowercase letters, digits and dashes in a key. An id that is
+    already so is used as it is; any other id is lowercased, each run of other
+    characters becomes one dash, and the first 8 hex digits of the id's SHA-256 are
+    appended (``1.2.840.5`` → ``case-1-2-840-5-<hash>``), so that ids differing only
+    in case or punctuation never share a key, and the key of an id never changes.
+    """
+    if re.fullmatch(r"[a-z0-9-]+", case_id):
+        return f"{RUN_PREFIX}{case_id}"
+    slug = re.sub(r"[^a-z0-9-]+", "-", case_id.lower()).strip("-")
+    digest = hashlib.sha256(case_id.encode()).hexdigest()[:8]
+    return f"{RUN_PREFIX}{slug}-{digest}" if slug else f"{RUN_PREFIX}{digest}"
+
+
+def progress_artifact_key(case_id: str, beam: int) -> str:
+    """``case-<case_id>-beam-<N>``: the key of a beam's simulation progress artifact."""
+    return f"{report_artifact_key(case_id)}-beam-{beam}"
+
+
+def gpu_tag(index: int) -> str:
+    """``gpu:<index>``: the tag of a simulation task run that holds GPU ``index``."""
+    return f"gpu:{index}"
 
 
 # Blocks `mqi up` / `mqi deploy` publish and every flow run loads (flows/settings.py).

@@ -28,6 +28,7 @@ from config import ConfigError, MqiConfig, MqiError
 from config.models import BEAM_STEPS, GPU_STEP
 from config.redaction import install
 from config.templates import TemplateError
+from flows import case_report
 from flows.case_inspection import CaseInfo, CaseRejected, case_redactor, pseudonym
 from flows.commands import CaseIdError, render_step_command, validate_case_id
 from flows.layout import RemoteLayout, remote_layout, results_dir
@@ -150,9 +151,11 @@ def _through_redaction(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 # -------------------------------------------------------------------------- flow
-@flow(name=FLOW_NAME, flow_run_name=_run_name, on_cancellation=[kill_remote_processes],
-      on_crashed=[kill_remote_processes])
+@flow(name=FLOW_NAME, flow_run_name=_run_name,
+      on_cancellation=[kill_remote_processes, case_report.report_end],
+      on_crashed=[kill_remote_processes, case_report.report_end])
 @_through_redaction
+@case_report.reported
 def process_case(case_dir: str, workflow: str = "default_qa",
                  resume: str | None = None) -> CaseOutcome:
     """Process one case folder end to end. Fails with the stage, beam and reason.
@@ -169,10 +172,12 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     # Before anything about the case is said: its patient ids are replaced in every
     # message, log line and state this process makes (config/redaction.py).
     install(case_redactor(case_dir, pseudonym(cfg)))
+    page = case_report.begin(cfg, case_dir, workflow)  # the report on the flow run
     logger = get_run_logger()
     if workflow not in cfg.workflows:
         raise ValueError(f"no workflow {workflow!r} (configured: {', '.join(cfg.workflows)})")
     info = inspect_stage(case_dir)
+    page.inspected(info)
     _tag_run(info)
     case_id, digest = info.case_id, info.manifest_digest
     # Passed to every remote stage as an input (not read inside the tasks): it is part
@@ -180,8 +185,8 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     # in its own, empty folder (flows/stages.py).
     run_id = resume or _flow_run_id()
     layout = remote_layout(cfg, case_id, run_id)
-    upload_stage.with_options(**_options(cfg, "upload"))(
-        info.case_dir, case_id, digest, run_id, layout.case_dir)
+    page.done("upload", upload_stage.with_options(**_options(cfg, "upload"))(
+        info.case_dir, case_id, digest, run_id, layout.case_dir))
 
     steps = cfg.workflows[workflow]
     sims: dict[int, SimulationOutcome] = {}
@@ -191,8 +196,8 @@ def process_case(case_dir: str, workflow: str = "default_qa",
         step = steps[i]
         if step not in BEAM_STEPS:
             command = render_step_command(cfg, step, layout.step_values(step))
-            case_step.with_options(**_options(cfg, step))(step, case_id, digest, run_id,
-                                                           command)
+            page.done(step, case_step.with_options(**_options(cfg, step))(
+                step, case_id, digest, run_id, command))
             i += 1
             continue
         if GPU_STEP in steps[i:] and not sims:
@@ -210,8 +215,11 @@ def process_case(case_dir: str, workflow: str = "default_qa",
     beams = [b.number for b in info.beams]
     downloaded = download_stage.with_options(**_options(cfg, "download"))(
         case_id, digest, run_id, tuple(steps), tuple(sorted(sims)))
+    page.done("download", downloaded)
     files = verify_stage(case_id, beams)
+    page.done("verify", files)
     report = report_stage(info, workflow, sims, files, started)
+    page.done("report", report)
     if cfg.paths.clean_remote_work_dir:
         # check=False: the case's folder stays while another run's folder is in it
         flow_host(cfg).run(layout.removal_command(), stream=False, check=False)
@@ -253,10 +261,13 @@ def _run_beam_chains(cfg: MqiConfig, info: CaseInfo, run_id: str, layout: Remote
             outcome = future.result()
         except StageFailed as exc:  # already names the step and the beam
             failures.append(exc.summary)
+            case_report.current().failed_stage(step, beam_number, exc)
         except Exception as exc:  # noqa: BLE001 - collected, reported together
             first = str(exc).splitlines()[0] if str(exc) else ""
             failures.append(f"{step} [beam {beam_number}]: {type(exc).__name__}: {first}")
+            case_report.current().failed_stage(step, beam_number, exc)
         else:
+            case_report.current().done(step, outcome, beam_number)
             if step == GPU_STEP:
                 sims[beam_number] = outcome
             if position + 1 < len(chain):

@@ -1,29 +1,23 @@
-"""What a case leaves to be seen: stage log files, per-beam progress, the case report.
+"""What a case leaves to be seen: stage log files and the case report (report.md).
 
 Logs sent to the Prefect API cost per line, so each stage's full output is
 kept as a file in the case's results folder, and only what a person needs to
 follow (progress, errors, summaries) goes to the API. Nothing here names the
-patient: the case id and, where config allows, a pseudonymous hash.
+patient: the case id and, where config allows, a pseudonymous hash. A beam's
+progress is flows/progress.py; the report on the flow run, flows/case_report.py.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
-from uuid import UUID
-
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.logging import get_run_logger
+from typing import TYPE_CHECKING
 
 from config import MqiConfig
 
 if TYPE_CHECKING:
     from flows.case_inspection import CaseInfo
     from flows.outcomes import SimulationOutcome
-
-PROGRESS = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
 
 
 class StageLog:
@@ -41,53 +35,6 @@ class StageLog:
 
     def close(self) -> None:
         self._fh.close()
-
-
-class ProgressReporter:
-    """Turns MOQUI's batch lines into a Prefect progress artifact for one beam."""
-
-    def __init__(self, case_id: str, beam: int, gpu: int, simulated: bool) -> None:
-        self.beam, self.gpu = beam, gpu
-        self._logger = get_run_logger()
-        self._label = f"case {case_id} beam {beam} on GPU {gpu}" + \
-            (" (SIMULATED)" if simulated else "")
-        # Made at the first progress line, not here: this runs between a GPU being
-        # ours and the simulation starting, where every API call is GPU time lost.
-        self._artifact: UUID | None = None
-        self._shown = 0.0
-        self._last_update = 0.0
-
-    def line(self, stream: str, text: str) -> None:
-        match = PROGRESS.search(text)
-        if not match:
-            self._logger.info("[beam %d] %s%s", self.beam,
-                              "stderr: " if stream == "stderr" else "", text)
-            return
-        done, total = int(match.group(1)), int(match.group(2))
-        percent = 100.0 * done / max(total, 1)
-        # At most one API update a second (and always the last): lines can be many.
-        if percent >= 100 or (percent - self._shown >= 1 and
-                              time.monotonic() - self._last_update >= 1.0):
-            self._set(percent)
-            self._logger.info("[beam %d] %d of %d batches (%.0f%%)", self.beam, done, total,
-                              percent)
-
-    def _set(self, percent: float, note: str = "") -> None:
-        self._shown = percent
-        self._last_update = time.monotonic()
-        if self._artifact is None:
-            # Called from a sync task, so Prefect's sync_compatible returns the id itself.
-            self._artifact = cast(UUID, create_progress_artifact(
-                progress=percent, description=self._label + note))
-            return
-        update_progress_artifact(self._artifact, progress=percent,
-                                 description=self._label + note)
-
-    def finish(self, failed: bool = False) -> None:
-        if failed:
-            self._set(self._shown, " — FAILED")
-        elif self._shown < 100:
-            self._set(100.0)
 
 
 def render_report(cfg: MqiConfig, info: CaseInfo, workflow: str,

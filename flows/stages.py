@@ -28,16 +28,14 @@ from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
 from blocks.gpu_pool import LOCK_BUSY_EXIT
 from config.models import GPU_STEP
-from config.redaction import redact
 from flows.caching import StageIdentity
 from flows.case_inspection import Beam, CaseInfo, inspect_case
 from flows.layout import remote_layout, results_dir
 from flows.moqui_input import render_simulation
-from flows.naming import report_artifact_key, simulation_task_run_name
+from flows.naming import simulation_task_run_name
 from flows.outcomes import (
     DownloadOutcome,
     SimulationOutcome,
@@ -45,8 +43,9 @@ from flows.outcomes import (
     StepOutcome,
     UploadOutcome,
 )
+from flows.progress import BeamProgress, label_gpu
 from flows.remote_stage import moqui_verdict, run_remote
-from flows.reporting import ProgressReporter, render_report
+from flows.reporting import render_report
 from flows.settings import flow_config, flow_host, flow_pool
 
 
@@ -183,21 +182,22 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam) -> Si
             waited = time.monotonic() - waited_from
             logger.info("beam %d: GPU %d is ours (waited %.1f s)", beam.number, index, waited)
             _name_task_run(simulation_task_run_name(beam.number, index))
+            label_gpu(index, simulation_task_run_name(beam.number, index))
             visible = cfg.gpu.set_cuda_visible_devices
             sim = render_simulation(cfg, layout, beam, 0 if visible else index)
             host.write_file(sim.input_file, sim.input_text.encode())
-            progress = ProgressReporter(case_id, beam.number, index, cfg.simulated)
+            progress = BeamProgress(case_id, beam.number, index, cfg.simulated)
             try:
                 result = run_remote(
                     host, cfg, layout, GPU_STEP, pool.locked_command(index, sim.command),
                     beam=beam.number, env={"CUDA_VISIBLE_DEVICES": str(index)} if visible
                     else None, on_line=progress.line, verdict=moqui_verdict(cfg))
             except StageFailed as exc:
-                progress.finish(failed=True)
-                if exc.exit_code == LOCK_BUSY_EXIT:
+                if exc.exit_code == LOCK_BUSY_EXIT:  # nothing ran: no progress to show
                     logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
                                 beam.number, index)
                     continue
+                progress.finish(failed=True)
                 raise
             progress.finish()
             return SimulationOutcome(beam=beam.number, gpu=index, seconds=result.duration,
@@ -244,12 +244,10 @@ def verify_stage(case_id: str, beams: list[int]) -> dict[str, dict[str, str]]:
 @task(name="report", task_run_name="report")
 def report_stage(info: CaseInfo, workflow: str, sims: dict[int, SimulationOutcome],
                  files: dict[str, dict[str, str]], started: float) -> str:
-    """Write report.md into the results folder and the same text as an artifact."""
+    """Write report.md into the results folder (the flow run's case report artifact
+    shows the same text, redacted: flows/case_report.py)."""
     cfg = flow_config()
     text = render_report(cfg, info, workflow, sims, files, time.time() - started)
     target = results_dir(cfg, info.case_id) / "report.md"
     target.write_text(text)
-    # The results folder holds the case's own data; what leaves for the API does not.
-    create_markdown_artifact(markdown=redact(text), key=report_artifact_key(info.case_id),
-                             description=redact(f"MQI report for case {info.case_id}"))
     return str(target)

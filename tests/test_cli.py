@@ -36,21 +36,30 @@ def test_config_check_uses_the_env_var(tmp_path):
     path.write_text(yaml.safe_dump(BASE))
     result = mqi("config", "check", env={"MQI_CONFIG_PATH": str(path)})
     assert result.returncode == 0 and f"{path}: valid" in result.stdout
-    assert result.stderr == f"mqi: config {path} (from MQI_CONFIG_PATH)\n"
+    assert result.stderr == \
+        f"mqi: config {path} (from MQI_CONFIG_PATH); Prefect API http://127.0.0.1:4200/api\n"
 
 
-def test_each_command_says_once_which_config_it_used(tmp_path):
+def test_each_command_says_once_which_config_and_api_it_used(tmp_path):
     env = {"MQI_CONFIG_PATH": ""}
+    api = "Prefect API http://127.0.0.1:4200/api"
     said = mqi("config", "check", env=env).stderr
-    assert said == f"mqi: config {DEFAULT_PATH} (default)\n"
-    said = mqi("config", "check", str(DEMO_PATH), env=env).stderr
-    assert said == f"mqi: config {DEMO_PATH} (argument)\n"
+    assert said == f"mqi: config {DEFAULT_PATH} (default); {api}\n"
+    said = mqi("--verbose", "config", "check", str(DEMO_PATH), env=env).stderr
+    assert said.splitlines()[0] == f"mqi: config {DEMO_PATH} (argument); {api}"
+    # the API another installation's file names is said, before anything else
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**BASE, "prefect": {**BASE["prefect"],
+                                                         "api_url": "http://gpu-box:4200/api"}}))
+    said = mqi("config", "check", str(other), env=env).stderr
+    assert said == f"mqi: config {other} (argument); Prefect API http://gpu-box:4200/api\n"
     # mqi demo has a default of its own; a broken file stops it before anything starts
     path = tmp_path / "broken.yaml"
     path.write_text("scanner: [\n")
     result = mqi("demo", "--once", "--config", str(path))
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith(f"mqi: config {path} (--config)\nmqi: ")
+    assert result.stderr.startswith(f"mqi: config {path} (--config); Prefect API unknown "
+                                    f"(the configuration is not valid)\nmqi: ")
     assert result.stderr.count("mqi: config ") == 1 and "Traceback" not in result.stderr
 
 
@@ -133,3 +142,17 @@ def test_every_argument_and_command_has_help(parser):
         assert action.help, f"{parser.prog}: {action.dest} has no help"
         for choice in getattr(action, "_choices_actions", []):
             assert choice.help, f"{parser.prog} {choice.dest} has no help"
+
+
+def test_the_demo_says_how_to_look_at_it_and_those_commands_parse():
+    from deployments.demo import how_to_look
+
+    said = how_to_look(Path("/opt/mqi demo/demo.yaml"), "DEMO-1").splitlines()
+    assert said[1:] == ["  mqi status --config '/opt/mqi demo/demo.yaml'",
+                        "  mqi logs --config '/opt/mqi demo/demo.yaml' DEMO-1"]
+    parser = build_parser()
+    status = parser.parse_args(["status", "--config", "/opt/mqi demo/demo.yaml"])
+    logs = parser.parse_args(["logs", "--config", "d.yaml", "DEMO-1", "--step", "inspect",
+                              "--beam", "2"])
+    assert status.config == "/opt/mqi demo/demo.yaml"
+    assert (logs.case_id, logs.step, logs.beam) == ("DEMO-1", "inspect", 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,14 @@ import yaml
 from config import get_config, load_config
 from demo.synthetic_case import BROKEN_KINDS, write_case
 from deployments import server
-from flows.naming import short_run_id
+from flows.naming import (
+    SIMULATION_TASK,
+    gpu_tag,
+    progress_artifact_key,
+    report_artifact_key,
+    short_run_id,
+)
+from tests.support.patients import patient_ids
 from tests.support.pipeline import REPO, Installation, wait_for, write_installation
 
 pytestmark = pytest.mark.integration
@@ -79,6 +87,38 @@ def task_runs(flow_run_id):
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
+def artifacts(flow_run_id, key_prefix: str):
+    """The flow run's artifacts whose key starts with ``key_prefix``, as the API has them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return [a for a in found if (a.key or "").startswith(key_prefix)]
+
+
+def case_report(flow_run_id, case_id: str):
+    """The one case report artifact on the flow run itself (not on a task run)."""
+    (report,) = [a for a in artifacts(flow_run_id, report_artifact_key(case_id))
+                 if a.key == report_artifact_key(case_id)]
+    assert report.type == "markdown" and report.task_run_id is None
+    return report
+
+
+STAGE_NAME = re.compile(r"inspect|upload|run_interpreter|download|verify|report|"
+                        r"convert_to_dicom-beam\d+|" + SIMULATION_TASK.pattern)
+
+
+def assert_stage_names(tasks) -> None:
+    """Every task run is named after its stage (and beam, and GPU), no random suffix;
+    a simulation that holds a GPU has it as a tag."""
+    assert all(STAGE_NAME.fullmatch(t.name) for t in tasks), sorted(t.name for t in tasks)
+    for t in tasks:
+        if (m := SIMULATION_TASK.fullmatch(t.name)) and m.group(2) is not None:
+            assert gpu_tag(int(m.group(2))) in t.tags, (t.name, t.tags)
+
+
 def active_slots(inst: Installation) -> dict[str, int]:
     from prefect.client.orchestration import get_client
 
@@ -125,6 +165,23 @@ def test_three_beam_case_completes_on_two_gpus_with_overlap(fresh: Installation)
     assert {p: p.stat().st_mtime_ns for p in case.rglob("*")} == before  # case untouched
     assert active_slots(fresh) and all(v == 0 for v in active_slots(fresh).values())
 
+    # the flow run itself carries the case report, COMPLETED, as report.md says it;
+    # each stage's task run is named for it; each beam's progress is one keyed artifact
+    run_id = state.state_details.flow_run_id
+    shown = case_report(run_id, "e2e-three").data
+    assert "COMPLETED" in shown and "| 3 | F2 | G1 | 1 |" in shown and "SIMULATED" in shown
+    assert "| run_moqui_sim [beam 3] | done | GPU " in shown and "FAILED" not in shown
+    wait_for(lambda: len(task_runs(run_id)) >= 11, 30, "the run's 11 task runs")
+    tasks = task_runs(run_id)
+    assert_stage_names(tasks)
+    sims = sorted(t.name for t in tasks if t.name.startswith("run_moqui_sim"))
+    assert [(b, g) for b, g in (SIMULATION_TASK.fullmatch(n).groups() for n in sims)] == \
+        [(str(b), str(result.gpus[b])) for b in (2, 3, 4)]
+    progress = artifacts(run_id, report_artifact_key("e2e-three") + "-beam-")
+    assert sorted(a.key for a in progress) == [progress_artifact_key("e2e-three", b)
+                                               for b in (2, 3, 4)]
+    assert all(a.data == 100 and a.description.startswith("GPU ") for a in progress)
+
     # for the closing note: wall time vs the longest chain of simulated work
     chain = max(e - s for runs in intervals.values() for s, e, _ in runs)
     print(f"\n3-beam case wall time {wall:.1f} s; longest simulation {chain:.1f} s")
@@ -155,6 +212,33 @@ def test_failing_beam_fails_the_case_frees_the_gpu_and_ends_every_task(fresh: In
     assert all(t.state.is_final() for t in tasks), \
         [(t.name, t.state.name) for t in tasks if not t.state.is_final()]
     assert "convert_to_dicom-beam3" not in {t.name for t in tasks}
+    assert_stage_names(tasks)
+
+    # the flow run's case report says FAILED, where, why, the log's tail and the rerun
+    shown = case_report(run_id, "e2e-resume").data
+    log = fresh.results / "e2e-resume" / "logs" / "run_moqui_sim-beam3.log"
+    assert "FAILED" in shown and "## run_moqui_sim [beam 3] FAILED" in shown
+    assert "FATAL ERROR" in shown and f"Full log: `{log}`" in shown
+    tail = log.read_text().splitlines()[-20:]
+    assert f"Last {len(tail)} lines of the log:\n\n````text\n" + "\n".join(tail) in shown
+    assert f"mqi rerun --config {fresh.config} e2e-resume" in shown
+    assert "| upload | done |" in shown and "| convert_to_dicom [beam 3] | not run |" in shown
+
+    # mqi logs prints a stage's log, first saying which installation it reads; the
+    # interpreter's log names every file it read, whose names carry the patient ids
+    logs = fresh.mqi("logs", "e2e-resume", "--step", "run_moqui_sim", "--beam", "3")
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stderr.splitlines()[0] == \
+        f"mqi: config {fresh.config} (from MQI_CONFIG_PATH); Prefect API {fresh.api_url}"
+    assert logs.stdout.splitlines()[0] == f"==> {log} <=="
+    assert logs.stdout.splitlines()[1:] == log.read_text().splitlines()
+    read = fresh.mqi("logs", "e2e-resume", "--step", "run_interpreter")
+    assert read.returncode == 0 and ".ptn" in read.stdout, read.stderr
+    assert not [i for i in patient_ids(case) if i in read.stdout]
+    inspected = fresh.mqi("logs", "e2e-resume", "--step", "inspect")  # no file: the API's
+    assert inspected.returncode == 0, inspected.stderr
+    assert "task run inspect of flow run case-e2e-resume" in inspected.stdout
+    assert "3 treatment beam(s)" in inspected.stdout
 
     status = fresh.mqi("status", "--failed")
     assert status.returncode == 0, status.stderr
@@ -163,6 +247,31 @@ def test_failing_beam_fails_the_case_frees_the_gpu_and_ends_every_task(fresh: In
 
     # `mqi rerun` retries this run on serve: tests/test_up.py (and, on workers,
     # tests/test_distributed.py) follow that path end to end.
+
+
+def test_a_cancelled_or_crashed_run_says_so_in_its_case_report(fresh: Installation):
+    """The hooks Prefect calls in serve's process when a run is cancelled or its process
+    died (no run context there): the report says which, from the API alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Crashed
+
+    from flows.case_report import report_end
+    from flows.naming import run_name
+    from flows.process_case import process_case
+
+    case = write_case(fresh.scan_root, "e2e-ended", beams=1, layers=1, seed=11)
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(process_case, name=run_name("e2e-ended"),
+                                     parameters={"case_dir": str(case)})
+    report_end(process_case, run, Crashed(message="Flow run process exited with -9"))
+    first = case_report(run.id, "e2e-ended")
+    assert "# Case e2e-ended: CRASHED" in first.data and "exited with -9" in first.data
+    assert f"mqi rerun --config {fresh.config} e2e-ended" in first.data
+    assert "| run_moqui_sim [each beam] | waiting |" in first.data  # nothing ran yet
+    report_end(process_case, run, Cancelled(message="Cancelled from the UI"))
+    again = case_report(run.id, "e2e-ended")  # the same artifact, rewritten
+    assert again.id == first.id and "# Case e2e-ended: CANCELLED" in again.data
+    assert not [i for i in patient_ids(case) if i in again.data]
 
 
 def test_six_cases_on_two_gpus_never_share_an_index(fresh: Installation):
@@ -248,6 +357,13 @@ def test_a_gpu_locked_on_the_host_is_never_shared(fresh: Installation, sshd):
         assert state.is_completed(), state.message
         assert set(state.result().gpus.values()) == {1}
         assert set(fresh.sim_intervals()) == {1}
+        # a beam that lost the race for GPU 0 leaves no FAILED progress behind
+        progress = [a for a in artifacts(state.state_details.flow_run_id, "")
+                    if a.type == "progress"]
+        assert sorted(a.key for a in progress) == ["case-e2e-locked-beam-2",
+                                                   "case-e2e-locked-beam-3"]
+        assert all(a.description.startswith("GPU 1 ") and "FAILED" not in a.description
+                   for a in progress), [a.description for a in progress]
     finally:
         holder.kill()
         holder.wait()

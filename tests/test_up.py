@@ -21,7 +21,7 @@ import yaml
 from blocks import procfs
 from demo.synthetic_case import write_case
 from deployments.supervisor import descendants
-from flows.naming import run_name
+from flows.naming import report_artifact_key, run_name
 from tests.support.pipeline import REPO, Installation, stop, wait_for, write_installation
 
 pytestmark = pytest.mark.integration
@@ -37,6 +37,15 @@ def flow_runs(api: str, case_id: str) -> list[dict]:
 def state_of(api: str, case_id: str) -> str | None:
     runs = flow_runs(api, case_id)
     return runs[0]["state"]["type"] if len(runs) == 1 else None
+
+
+def case_reports(api: str, flow_run_id: str, case_id: str) -> list[dict]:
+    """The case report artifacts on one flow run, read back from the API."""
+    response = httpx.post(f"{api}/artifacts/filter", timeout=10, json={"artifacts": {
+        "key": {"any_": [report_artifact_key(case_id)]},
+        "flow_run_id": {"any_": [flow_run_id]}}})
+    response.raise_for_status()
+    return response.json()
 
 
 def _cmdline(pid: int) -> bytes:
@@ -81,9 +90,13 @@ def inst(tmp_path, sshd) -> Installation:
 def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
     api = inst.api_url
     cmd = [sys.executable, "-m", "deployments.cli", "up", "--config", str(inst.config)]
+    inst.scan_root.rmdir()  # mqi up makes a missing scan root (and says so)
     up = inst.start_up()
     children: list[int] = []
     try:
+        made = f"created {inst.scan_root} (scanner.target_directory): it did not exist"
+        wait_for(lambda: made in (inst.root / "up.log").read_text(), 10, "mqi up to say so")
+        assert inst.scan_root.is_dir() and inst.results.is_dir()
         children = descendants(up.pid)
         pool = httpx.get(f"{api}/block_types/slug/mqi-gpu-pool/block_documents/name/"
                          f"mqi-gpu-pool", timeout=10)
@@ -200,6 +213,11 @@ def test_rerun_retries_the_failed_run_itself_and_only_the_failed_beam_runs_again
         assert wait_for(lambda: state_of(api, "rerun-case") == "FAILED", 180,
                         "rerun-case to fail in beam 3")
         failed_id = flow_runs(api, "rerun-case")[0]["id"]
+        # under serve too, the flow run's report says why and how to run it again
+        (failed,) = wait_for(lambda: case_reports(api, failed_id, "rerun-case"), 10,
+                             "the case report of the failed run")
+        assert "## run_moqui_sim [beam 3] FAILED" in failed["data"]
+        assert f"mqi rerun --config {inst.config} rerun-case" in failed["data"]
         # the flow runs under serve (forked from its forkserver) find the configuration
         # and the host through the blocks `mqi up` published, not MQI_CONFIG_PATH
         forkservers = [p for p in descendants(up.pid)
@@ -216,6 +234,8 @@ def test_rerun_retries_the_failed_run_itself_and_only_the_failed_beam_runs_again
         runs = flow_runs(api, "rerun-case")
         assert [r["id"] for r in runs] == [failed_id]  # the same run, no second one
         assert runs[0]["state"]["type"] == "COMPLETED" and runs[0]["run_count"] == 2
+        (report,) = case_reports(api, failed_id, "rerun-case")  # the same one, rewritten
+        assert report["id"] == failed["id"] and "**Status: COMPLETED**" in report["data"]
         starts = [e for e in inst.events("tps_env") if e["event"] == "start"]
         per_beam = {b: sum(1 for e in starts if e["beam"] == b) for b in ("2", "3", "4")}
         assert per_beam == {"2": 1, "3": 2, "4": 1}  # only the failed beam ran again
