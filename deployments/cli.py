@@ -341,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("mqi: %(name)s: %(message)s"))
-        logging.getLogger("mqi").addHandler(handler)
-        logging.getLogger("mqi").setLevel(logging.INFO)
+        mqi_logs = logging.getLogger("mqi")
+        mqi_logs.addHandler(handler)
+        mqi_logs.setLevel(logging.INFO)
+        mqi_logs.propagate = False  # once, even where a command configures the root logger
     try:
         return int(args.func(args))
     except MqiError as exc:

@@ -178,8 +178,11 @@ class CaseReport:
             failure = Failure(label, f"{type(exc).__name__}: {text.splitlines()[0]}"
                               if text else type(exc).__name__)
         self.failures = [f for f in self.failures if f.label != label] + [failure]
-        row = self.rows.setdefault(label, Row(label))
-        row.status, row.note = FAILED, failure.reason
+        # a stage listed once for the case that failed for one beam (verify) is that row
+        key = label if label in self.rows or stage not in self.rows else stage
+        row = self.rows.setdefault(key, Row(key))
+        row.status, row.note = FAILED, failure.reason if key == label else \
+            f"{label}: {failure.reason}"
 
     # -------------------------------------------------------------------- rendering
     def render(self) -> str:
@@ -188,7 +191,7 @@ class CaseReport:
         lines: list[str] = []
         if self.status == "COMPLETED" and self.completed_text:
             body = self.completed_text.rstrip().splitlines()
-            lines += [body[0], "", "**Status: COMPLETED**", "", *body[1:], ""]
+            lines += [body[0], "", "**Status: COMPLETED**", *body[1:], ""]
         else:
             lines += [f"# Case {self.case_id}: {self.status}{sim}", ""]
             if self.simulated:
@@ -200,7 +203,7 @@ class CaseReport:
                       + (f": {_cell(self.message)}" if self.message else "") + " |",
                       f"| updated | {time.strftime('%Y-%m-%d %H:%M:%S %Z')} |", ""]
         lines += self._failure_lines()
-        lines += ["## Stages", "", "| stage | status | |", "|---|---|---|"]
+        lines += ["## Stages", "", "| stage | status | detail |", "|---|---|---|"]
         lines += [f"| {r.label} | {r.status} | {_cell(r.note)} |" for r in self.rows.values()]
         lines.append("")
         if self.status != "COMPLETED" and self.status != "IN PROGRESS":
@@ -421,7 +424,7 @@ def report_end(flow: Any, flow_run: Any, state: Any) -> None:
         cfg = flow_config(hook_attempt(flow_run))
         case_dir = str(flow_run.parameters.get("case_dir", ""))
         case_id = validate_case_id(Path(case_dir).name, cfg.cases.id_pattern)
-    except (CaseIdError, Exception):  # noqa: BLE001 - no report without a checked id
+    except Exception:  # noqa: BLE001 - no report without a checked id (nor a config)
         return
     workflow = str(flow_run.parameters.get("workflow") or "default_qa")
     # Not installed: this process (serve) works for many cases.

@@ -40,3 +40,13 @@ def test_a_failed_stage_shows_reason_log_path_tail_and_rerun(tmp_path):
     shown = page.split("````text\n")[1].split("\n````")[0].splitlines()
     assert shown == log.read_text().splitlines()[-TAIL_LINES:]
     assert "| upload | waiting |" in page and "| run_moqui_sim [each beam] |" in page
+
+
+def test_a_case_stage_that_fails_for_one_beam_marks_its_own_row():
+    report = CaseReport("c1", "default_qa", ["run_interpreter"], simulated=False,
+                        flow_run_id=None, rerun="mqi rerun c1")
+    report._record("verify", 2, StageFailed("verify", "no RT Dose in /r/c1/dicom/beam_2",
+                                            beam=2))
+    page = report.render()
+    assert "## verify [beam 2] FAILED" in page
+    assert "| verify | FAILED | verify [beam 2]: no RT Dose in /r/c1/dicom/beam_2 |" in page
