@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 
 from config import MqiConfig, MqiError
+from deployments.exposure import client_auth_env, refuse_unprotected_bind
 from deployments.supervisor import die_with_parent
 
 # Held GPU slots must survive a server restart; the in-memory lease store would
@@ -84,6 +85,8 @@ def client_env(cfg: MqiConfig) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # Prefect's setting is whole seconds; `mqi up`'s serve passes the exact value.
         "PREFECT_RUNNER_POLL_FREQUENCY": str(max(1, math.ceil(cfg.prefect.runner_poll_seconds))),
+        # the server's password, when it has one (deployments/exposure.py)
+        **client_auth_env(),
     }
 
 
@@ -131,6 +134,7 @@ def start_server(cfg: MqiConfig, log_file: Path, timeout: float = 90.0) -> subpr
     Raises:
         ServerError: It exited or did not become healthy in time (the log's tail is quoted).
     """
+    refuse_unprotected_bind(cfg)
     home = prefect_home(cfg)
     home.mkdir(parents=True, exist_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from uuid import UUID
 from blocks import procfs
 from config import MqiConfig, MqiError
 from deployments import server
+from deployments.exposure import refuse_unprotected_bind, serves_embedded
 from deployments.notifications import apply_notifications
 from deployments.publish import publish
 from deployments.supervisor import Child, ChildFailed, Supervisor
@@ -333,12 +334,16 @@ def run_system(cfg: MqiConfig, config_file: Path, on_up: OnUp | None = None) -> 
     signal (or until ``on_up`` returns True), then stop everything.
 
     Raises:
+        UnprotectedServer: The embedded server would listen beyond loopback without
+            PREFECT_SERVER_API_AUTH_STRING.
         AlreadyRunning: Another `mqi up` holds the data dir.
         ServerError: The Prefect API is down, taken, or would not start.
         ChildFailed: A child would not start, or died more often than allowed.
     """
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
+    if serves_embedded(cfg):  # before anything is started or locked
+        refuse_unprotected_bind(cfg, config_file)
     lock = take_instance_lock(cfg)
     try:
         check_api(cfg)

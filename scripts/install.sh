@@ -2,7 +2,8 @@
 # Install MQI Communicator into ./.venv (created with python3 >= 3.11 if missing).
 #   scripts/install.sh          the application
 #   scripts/install.sh test     plus what the test suite needs (pytest, ruff, mypy,
-#                               OpenSSH's sshd and PostgreSQL for the integration tests)
+#                               OpenSSH's sshd, PostgreSQL and Chromium for the
+#                               integration tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,11 +14,14 @@ sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
 if [ "${1:-}" = "test" ]; then
-    # The integration tests run a real sshd, and a real PostgreSQL for the distributed
-    # set-up (the one on 127.0.0.1:5432 when it runs, else one they start themselves).
+    # The integration tests run a real sshd, a real PostgreSQL for the distributed
+    # set-up (the one on 127.0.0.1:5432 when it runs, else one they start themselves),
+    # and Debian's Chromium with its matching driver for the dashboard test.
     packages=""
     [ -x /usr/sbin/sshd ] || packages="openssh-server"
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages="$packages postgresql"
+    [ -x /usr/bin/chromium ] || packages="$packages chromium"
+    [ -x /usr/bin/chromedriver ] || packages="$packages chromium-driver"
     if [ -n "$packages" ]; then
         echo "installing:$packages (for the integration tests) ..."
         SUDO=""
