@@ -30,12 +30,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import paramiko
+
 from blocks.errors import CommandError, HostError
 from blocks.gpu_pool import ComputeApp, GpuInfo, GpuPool, GpuQueryError
 from blocks.host import Host
 from config import MqiConfig, MqiError
 from config.redaction import redact
 from flows.outcomes import StageFailed
+
+# What a host that went away raises: our own errors, and what paramiko lets escape
+# some calls (EOFError, SSHException) or the socket (OSError) when the link breaks.
+HOST_TROUBLE: tuple[type[BaseException], ...] = (HostError, OSError, EOFError,
+                                                 paramiko.SSHException)
 
 log = logging.getLogger("mqi.placement")
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -179,7 +186,9 @@ def look(cfg: MqiConfig, hosts: Iterable[GpuHost], logger: Logger,
     def read(gpu_host: GpuHost) -> Look | BaseException:
         try:
             return Look(*gpu_host.pool.snapshot(gpu_host.host))
-        except (HostError, GpuQueryError) as exc:
+        except GpuQueryError as exc:
+            return exc
+        except HOST_TROUBLE as exc:
             return exc
 
     with ThreadPoolExecutor(max_workers=max(1, len(asked)),
@@ -312,7 +321,7 @@ def answers(gpu_host: GpuHost) -> bool:
     try:
         gpu_host.host.run("true", stream=False, timeout=30)
         return True
-    except HostError:
+    except HOST_TROUBLE:
         return False
 
 
@@ -325,11 +334,9 @@ def cut_off(failed: StageFailed) -> bool:
 def host_trouble(exc: BaseException) -> bool:
     """Whether ``exc`` may mean the host is gone (worth a probe): a host error, a broken
     SSH session (paramiko's own errors escape some calls), or a stage cut off."""
-    import paramiko
-
     if isinstance(exc, StageFailed):
         return cut_off(exc)
-    return isinstance(exc, HostError | OSError | EOFError | paramiko.SSHException)
+    return isinstance(exc, HOST_TROUBLE)
 
 
 def lost(cfg: MqiConfig, gpu_host: GpuHost, exc: BaseException, logger: Logger) -> bool:

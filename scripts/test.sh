@@ -7,4 +7,6 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false
 .venv/bin/ruff check .
 # type check config/ blocks/ flows/ deployments/ demo/ ([tool.mypy] in pyproject.toml)
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+# Two workers, a whole test file each (its module fixtures stay in one process): most
+# integration tests wait on servers and sshd, so two run side by side on two cores.
+exec .venv/bin/python -m pytest -n "${MQI_TEST_WORKERS:-2}" --dist loadfile "$@"

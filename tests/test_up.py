@@ -95,7 +95,9 @@ def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
     children: list[int] = []
     try:
         made = f"created {inst.scan_root} (scanner.target_directory): it did not exist"
-        wait_for(lambda: made in (inst.root / "up.log").read_text(), 10, "mqi up to say so")
+        # (up.log appears with mqi up's first line: a while on a busy machine)
+        wait_for(lambda: (log := inst.root / "up.log").exists() and made in log.read_text(),
+                 60, "mqi up to say so")
         assert inst.scan_root.is_dir() and inst.results.is_dir()
         children = descendants(up.pid)
         pool = httpx.get(f"{api}/block_types/slug/mqi-gpu-pool/block_documents/name/"
