@@ -52,6 +52,13 @@ def remove_served(client: Any, spec: DeploymentSpec) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # rich (Prefect's console log handler) imports its emoji table the first time a line
+    # needs it. A SIGTERM whose handler logs while that import is under way finds the
+    # module half made and the shutdown's own log line fails with "cannot import name
+    # 'EMOJI' from partially initialized module 'rich._emoji_codes'" (seen in
+    # housekeeping.log). Imported whole here, before any signal can land.
+    import rich._emoji_codes  # noqa: F401
+
     parser = argparse.ArgumentParser(prog="mqi-serve", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="configuration file (default: $MQI_CONFIG_PATH)")
     parser.add_argument("--limit", type=int, default=None,
