@@ -251,8 +251,10 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
                         host, cfg, layout, GPU_STEP, gpus.locked_command(index, sim.command),
                         beam=beam.number, env={"CUDA_VISIBLE_DEVICES": str(index)} if visible
                         else None, on_line=progress.line, verdict=moqui_verdict(cfg))
-                except StageFailed as exc:
-                    if exc.exit_code == LOCK_BUSY_EXIT:  # nothing ran: no progress to show
+                except Exception as exc:
+                    failed = isinstance(exc, StageFailed)  # the command's own end, not ours
+                    if isinstance(exc, StageFailed) and exc.exit_code == LOCK_BUSY_EXIT:
+                        # nothing ran: no progress to show
                         logger.info("beam %d: GPU %d was taken a moment ago; choosing again",
                                     beam.number, index)
                         continue
@@ -263,18 +265,10 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
                                        beam.number, name)
                         avoiding.add(str(name))
                         continue
-                    if gpus.vanished(host, index, logger):
+                    if failed and gpus.vanished(host, index, logger):
                         continue  # the device went between choice and start: choose again
-                    progress.finish(failed=True)
-                    raise
-                except Exception as exc:
-                    if hosts and placement.host_trouble(exc) and placement.lost(
-                            cfg, where.host, exc, logger):
+                    if failed:
                         progress.finish(failed=True)
-                        logger.warning("beam %d: GPU host %s stopped answering; choosing another",
-                                       beam.number, name)
-                        avoiding.add(str(name))
-                        continue
                     raise
                 progress.finish()
                 return SimulationOutcome(beam=beam.number, gpu=index, seconds=result.duration,

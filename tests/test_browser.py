@@ -20,13 +20,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from demo.synthetic_case import write_case
 from flows.curator import ARTIFACT_KEY as GPU_TABLE_KEY
 from flows.naming import report_artifact_key, run_name
 from tests.support.browser import Browser
-from tests.support.pipeline import REPO, Installation, stop, wait_for, write_installation
+from tests.support.pipeline import REPO, Installation, quick_installation, stop, wait_for
 from tests.test_up import state_of
 
 PASSING, FAILING = "browser-ok", "browser-fails"
@@ -37,12 +36,7 @@ CURATOR_DEPLOYMENT = "curate_gpus/curate-gpus"
 
 @pytest.fixture
 def inst(tmp_path: Path, sshd) -> Installation:
-    installation = write_installation(tmp_path / "mqi", sshd)
-    data = yaml.safe_load(installation.config.read_text())
-    data["scanner"].update(stability_seconds=1.0)
-    installation.config.write_text(yaml.safe_dump(data, sort_keys=False))
-    installation.set_control(duration=0.3, batches=2)
-    return installation
+    return quick_installation(tmp_path / "mqi", sshd)
 
 
 @pytest.fixture

@@ -17,12 +17,11 @@ import re
 
 import httpx
 import pytest
-import yaml
 
 from demo.synthetic_case import write_case
 from deployments.intake_ledger import IntakeLedger, ledger_path
 from tests.support.patients import patient_ids
-from tests.support.pipeline import Installation, stop, wait_for, write_installation
+from tests.support.pipeline import Installation, quick_installation, stop, wait_for
 from tests.test_up import state_of
 
 
@@ -54,12 +53,7 @@ def events(api: str) -> list[object]:
 
 @pytest.fixture
 def inst(tmp_path, sshd) -> Installation:
-    installation = write_installation(tmp_path / "mqi", sshd)
-    data = yaml.safe_load(installation.config.read_text())
-    data["scanner"].update(stability_seconds=1.0)
-    installation.config.write_text(yaml.safe_dump(data, sort_keys=False))
-    installation.set_control(duration=0.3, batches=2)
-    return installation
+    return quick_installation(tmp_path / "mqi", sshd)
 
 
 @pytest.mark.integration

@@ -169,6 +169,17 @@ def write_installation(root: Path, sshd: SshServer, port: int | None = None) -> 
     return inst
 
 
+def quick_installation(root: Path, sshd: SshServer) -> Installation:
+    """``write_installation`` with a 1 s stability window and short simulations: cases
+    dropped into its scan root start and end within seconds."""
+    installation = write_installation(root, sshd)
+    data = yaml.safe_load(installation.config.read_text())
+    data["scanner"].update(stability_seconds=1.0)
+    installation.config.write_text(yaml.safe_dump(data, sort_keys=False))
+    installation.set_control(duration=0.3, batches=2)
+    return installation
+
+
 @contextlib.contextmanager
 def serving(installation: Installation) -> Iterator[Installation]:
     """The installation's Prefect server running, this process's Prefect settings and
