@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from typing import Any
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(name="mqi-housekeeping" if args.housekeeping else "mqi-serve",
                     limit=limit, pause_on_shutdown=False,
                     query_seconds=config.prefect.runner_poll_seconds)
+    _once_per_shutdown(runner)
     # add_flow (not serve(deployment)) keeps the flow object in the runner, so a run
     # is started from it directly (multiprocessing, warm when enabled) rather than
     # through `python -m prefect.engine`, which imports everything again.
@@ -122,6 +124,26 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt, TerminationSignal):
         asyncio.run(_run(runner, served, why))
     return 0
+
+
+def _once_per_shutdown(runner: Any) -> None:
+    """Make a SIGTERM that lands while the runner is already stopping do nothing.
+
+    Prefect's runner answers such a second signal with ``sys.exit(0)``, raised in
+    whatever coroutine its loop is running at that moment: the graceful shutdown is
+    cut short and a "Task exception was never retrieved … SystemExit" traceback lands
+    in the log. A second Ctrl-C or `kill` must not do that; the supervisor SIGKILLs
+    what outlives its grace period anyway."""
+    first = runner.handle_sigterm
+
+    def handle_sigterm(*args: Any, **kwargs: Any) -> None:
+        if runner.stopping:
+            logging.getLogger("prefect.runner").info(
+                "SIGTERM received again: already shutting down")
+            return
+        first(*args, **kwargs)
+
+    runner.handle_sigterm = handle_sigterm
 
 
 async def _run(runner: Any, served: list[str], why: str) -> None:

@@ -200,11 +200,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
             if depth == 0:  # and whatever else is in the children's own groups
-                for child in wave:
-                    assert child.proc is not None
-                    if child.proc.poll() is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(child.proc.pid, signal.SIGTERM)
+                _term_group_rest(wave, signalled=set(targets))
             for child in wave:  # reap the children as they go
                 if child.proc is not None:
                     child.proc.poll()
@@ -223,6 +219,21 @@ class Supervisor:
                 log.warning("process %d ignored SIGTERM; killing it", pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def _term_group_rest(wave: list[Child], signalled: set[int]) -> None:
+    """SIGTERM what lives in the process groups of ``wave``'s children and was not
+    signalled already (a process that left the tree but kept the group).
+
+    Not killpg: that would signal each child and its descendants a second time, and a
+    second SIGTERM is not harmless. Prefect's runner answers one that lands while it is
+    already stopping with ``sys.exit(0)`` wherever its loop happens to be, which left
+    "Task exception was never retrieved … SystemExit" tracebacks in serve.log."""
+    groups = {c.proc.pid for c in wave if c.proc is not None and c.proc.poll() is None}
+    for proc in procfs.all_stats():
+        if proc.alive and proc.pgrp in groups and proc.pid not in signalled:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
 
 
 def _levels(pid: int) -> list[list[int]]:
