@@ -80,12 +80,15 @@ def state_of(api: str, case_id: str) -> str | None:
 
 def log_errors(inst: Installation) -> dict[str, list[str]]:
     """Lines of the installation's logs (`mqi up`'s own and its children's) that show
-    an error of the kind no fault may produce, by log file."""
+    an error of the kind no fault may produce, each with the lines after it, by log
+    file."""
     found: dict[str, list[str]] = {}
     logs = [inst.root / "up.log", *sorted((inst.root / "data" / "logs").glob("*.log"))]
     for path in logs:
         if path.exists():
-            bad = [ln for ln in path.read_text(errors="replace").splitlines()
+            lines = path.read_text(errors="replace").splitlines()
+            # each finding with what follows it: a traceback's frames name its cause
+            bad = ["\n".join(lines[i:i + 25]) for i, ln in enumerate(lines)
                    if LOG_ERRORS.search(ln)]
             if bad:
                 found[path.name] = bad
