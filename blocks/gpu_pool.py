@@ -21,7 +21,6 @@ import contextlib
 import contextvars
 import csv
 import io
-import itertools
 import logging
 import re
 import shlex
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl
 
+from blocks.admission_line import Ticket
 from blocks.errors import HostError
 from blocks.host import Host
 
@@ -54,7 +54,8 @@ def _transient(exc: BaseException) -> bool:
     or the connection failed — not a missing limit or a request the server refused."""
     import httpx
 
-    cause = exc.__cause__
+    # A read of the limit raises the HTTP error itself; a slot request wraps it.
+    cause = exc if isinstance(exc, (httpx.HTTPError, OSError, TimeoutError)) else exc.__cause__
     if isinstance(cause, httpx.HTTPStatusError):
         return cause.response.status_code >= 500
     return isinstance(cause, (httpx.TransportError, OSError, TimeoutError))
@@ -203,6 +204,9 @@ class GpuPool(Block):
                           description="Folder of the per-index lock files on the GPU host.")
     poll_seconds: float = Field(default=2.0, gt=0,
                                 description="Pause between rounds while no GPU is free.")
+    admission_poll_seconds: float = Field(
+        default=0.2, gt=0,
+        description="The oldest waiting beam of a machine asks for a slot this often.")
     max_wait_seconds: float = Field(
         default=3600.0, gt=0,
         description="Longest an admitted simulation waits for a usable, unlocked GPU before "
@@ -286,51 +290,92 @@ class GpuPool(Block):
         self.ensure_limit(host)
 
     @contextlib.contextmanager
-    def admission(self, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
+    def admission(self, logger: logging.Logger | logging.LoggerAdapter,
+                  order: str = "") -> Iterator[None]:
         """Hold one admission slot for the life of the ``with`` block.
 
-        Blocks while every GPU is in use; a watcher says so in the task's log after
-        a couple of seconds and every 30 s after that.
+        Blocks while every GPU is in use, standing in this machine's line of waiting
+        beams (blocks/admission_line.py) by ``order`` (the case's arrival, then the
+        beam's); the head of the line asks for a slot every ``admission_poll_seconds``.
+        A watcher says so in the task's log after a couple of seconds and every 30 s
+        after that.
         """
-        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-        from prefect.concurrency.sync import concurrency
+        from prefect.settings import get_current_settings
+
+        from blocks.admission_line import AdmissionLine, line_folder
 
         started = time.monotonic()
         admitted = threading.Event()
+        line = AdmissionLine(line_folder(str(get_current_settings().api.url),
+                                         self.limit_name))
+        # The slot is released however the block ends (return, error, cancellation); a
+        # crashed holder's slot comes back when its lease expires.
+        with contextlib.ExitStack() as holding:
+            # Out of the line as soon as the slot is ours: the next waiter's turn.
+            with line.ticket(order) as ticket:
 
-        def say_waiting() -> None:
-            interval = 2.0
-            while not admitted.wait(interval):
-                logger.info("waiting for a GPU: all are in use (%.0f s so far)",
-                            time.monotonic() - started)
-                interval = 30.0
+                def say_waiting() -> None:
+                    interval = 2.0
+                    while not admitted.wait(interval):
+                        ahead = ticket.ahead()
+                        logger.info("waiting for a GPU: all are in use (%.0f s so far%s)",
+                                    time.monotonic() - started,
+                                    f"; {ahead} beam(s) ahead in line" if ahead else "")
+                        interval = 30.0
 
-        # The copied context carries Prefect's settings and run context into the thread.
-        watcher = threading.Thread(target=contextvars.copy_context().run, args=(say_waiting,),
-                                   daemon=True, name="mqi-gpu-wait")
-        watcher.start()
-        try:
-            # The slot is released however the block ends (return, error, cancellation);
-            # a crashed holder's slot comes back when its lease expires.
-            with contextlib.ExitStack() as held:
-                for attempt in itertools.count():
-                    try:
-                        held.enter_context(concurrency(
-                            self.limit_name, occupy=1, lease_duration=self.lease_seconds,
-                            strict=True))
-                        break
-                    except ConcurrencySlotAcquisitionError as exc:
-                        # A busy API (SQLite locked, a dropped connection) heals in a
-                        # moment; a missing limit or a refused request does not.
-                        if attempt >= ADMISSION_RETRIES or not _transient(exc):
-                            raise
-                        logger.info("asking for a GPU slot failed (%s); asking again",
-                                    exc.__cause__ or exc)
-                        time.sleep(min(0.5 * 2 ** attempt, 5.0))
-                admitted.set()
-                yield
-        finally:
-            admitted.set()  # also when taking the slot failed: the watcher stops either way
+                # The copied context carries Prefect's settings and run context into the
+                # thread.
+                watcher = threading.Thread(target=contextvars.copy_context().run,
+                                           args=(say_waiting,), daemon=True,
+                                           name="mqi-gpu-wait")
+                watcher.start()
+                try:
+                    self._take_slot(holding, ticket, logger)
+                finally:
+                    admitted.set()  # also when taking the slot failed: the watcher stops
+            yield
+
+    def _take_slot(self, holding: contextlib.ExitStack, ticket: Ticket,
+                   logger: logging.Logger | logging.LoggerAdapter) -> None:
+        """Take a slot and hold it in ``holding``, asking when the ticket is at the head
+        of the line (an older beam may come in while we wait) and the limit has a free
+        slot (read every ``admission_poll_seconds``: a read is cheap, and a refused
+        request would make Prefect log an error or sleep a Retry-After). A busy API
+        (5xx, a dropped connection) is asked again with backoff; a missing limit or a
+        refused request fails at once."""
+        from prefect.client.orchestration import get_client
+        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+        from prefect.concurrency.sync import concurrency
+        from prefect.exceptions import ObjectNotFound
+
+        failures = 0
+        with get_client(sync_client=True) as client:
+            while True:
+                ticket.wait_turn()
+                try:
+                    limit = client.read_global_concurrency_limit_by_name(self.limit_name)
+                    if limit.active and limit.active_slots >= limit.limit:
+                        time.sleep(self.admission_poll_seconds)
+                        continue
+                    # The slot is released however the block ends (return, error,
+                    # cancellation); a crashed holder's slot comes back when its lease
+                    # expires. Losing a race for it means a Retry-After sleep in here.
+                    holding.enter_context(concurrency(
+                        self.limit_name, occupy=1, lease_duration=self.lease_seconds,
+                        strict=True))
+                    return
+                except ObjectNotFound as exc:
+                    raise ConcurrencySlotAcquisitionError(
+                        f"the GPU admission limit {self.limit_name!r} does not exist "
+                        "(`mqi up` or the curator makes it)") from exc
+                except Exception as exc:
+                    # A busy API (SQLite locked, a dropped connection) heals in a moment.
+                    if failures >= ADMISSION_RETRIES or not _transient(exc):
+                        raise
+                    logger.info("asking for a GPU slot failed (%s); asking again",
+                                exc.__cause__ or exc)
+                    time.sleep(min(0.5 * 2 ** failures, 5.0))
+                    failures += 1
 
     def locked_indices(self, host: Host, indices: list[int]) -> set[int]:
         """Indices whose lock file on the host is held by a running simulation now."""
