@@ -28,6 +28,8 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl
@@ -47,6 +49,14 @@ LOCK_BUSY_EXIT = 75
 
 ADMISSION_RETRIES = 5
 """How often a failed request for a GPU slot is sent again when the API was only busy."""
+
+
+def _release(lease_id: UUID) -> None:
+    """Give a slot back (its lease ends)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(lease_id)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -330,44 +340,53 @@ class GpuPool(Block):
                                            name="mqi-gpu-wait")
                 watcher.start()
                 try:
-                    self._take_slot(holding, ticket, logger)
+                    lease_id, limits = self._take_slot(ticket, logger)
+                    holding.callback(_release, lease_id)  # whatever happens next
                 finally:
                     admitted.set()  # also when taking the slot failed: the watcher stops
+            # Out of the line: the next beam's turn while we start holding the slot.
+            self._hold(holding, lease_id, limits)
             yield
 
-    def _take_slot(self, holding: contextlib.ExitStack, ticket: Ticket,
-                   logger: logging.Logger | logging.LoggerAdapter) -> None:
-        """Take a slot and hold it in ``holding``, asking when the ticket is at the head
-        of the line (an older beam may come in while we wait) and the limit has a free
-        slot (read every ``admission_poll_seconds``: a read is cheap, and a refused
-        request would make Prefect log an error or sleep a Retry-After). A busy API
-        (5xx, a dropped connection) is asked again with backoff; a missing limit or a
-        refused request fails at once."""
+    def _take_slot(self, ticket: Ticket, logger: logging.Logger | logging.LoggerAdapter
+                   ) -> tuple[UUID, list[Any]]:
+        """Take a slot: its lease id and limits.
+
+        A waiter asks when fewer beams stand before it in the line than the limit has
+        free slots (so the oldest ask first, and several freed slots are asked for at
+        once: one request waits on the server's database for seconds when it is busy);
+        only the first few of the line (as many as the limit has slots) read the limit,
+        every ``admission_poll_seconds``. A slot taken meanwhile by another machine's
+        beam is asked for again at the next look; a busy API (5xx, a dropped connection)
+        with backoff; a missing limit fails at once."""
         from prefect.client.orchestration import get_client
         from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-        from prefect.concurrency.sync import concurrency
         from prefect.exceptions import ObjectNotFound
 
-        failures = 0
+        failures, size = 0, 1
         with get_client(sync_client=True) as client:
             while True:
-                ticket.wait_turn()
+                ahead = ticket.ahead()
+                if ahead >= size:
+                    time.sleep(ticket.line.check_seconds)
+                    continue
                 try:
                     limit = client.read_global_concurrency_limit_by_name(self.limit_name)
-                    if limit.active and limit.active_slots >= limit.limit:
+                    size = max(1, int(limit.limit))
+                    free = (limit.limit - limit.active_slots) if limit.active else ahead + 1
+                    if free <= ahead:
                         time.sleep(self.admission_poll_seconds)
                         continue
-                    # The slot is released however the block ends (return, error,
-                    # cancellation); a crashed holder's slot comes back when its lease
-                    # expires. Losing a race for it means a Retry-After sleep in here.
-                    holding.enter_context(concurrency(
-                        self.limit_name, occupy=1, lease_duration=self.lease_seconds,
-                        strict=True))
-                    return
+                    granted = self._request(client)
+                    if granted is not None:
+                        return granted
+                    time.sleep(self.admission_poll_seconds)  # taken meanwhile
                 except ObjectNotFound as exc:
                     raise ConcurrencySlotAcquisitionError(
                         f"the GPU admission limit {self.limit_name!r} does not exist "
                         "(`mqi up` or the curator makes it)") from exc
+                except ConcurrencySlotAcquisitionError:
+                    raise
                 except Exception as exc:
                     # A busy API (SQLite locked, a dropped connection) heals in a moment.
                     if failures >= ADMISSION_RETRIES or not _transient(exc):
@@ -376,6 +395,49 @@ class GpuPool(Block):
                                 exc.__cause__ or exc)
                     time.sleep(min(0.5 * 2 ** failures, 5.0))
                     failures += 1
+
+    def _request(self, client: Any) -> tuple[UUID, list[Any]] | None:
+        """One request for a slot with a lease: its id and limits, or None if every slot
+        is taken (423).
+
+        `prefect.concurrency.sync.concurrency(strict=True)` would send it through a
+        per-process service on Prefect's event-loop thread, and start the lease's
+        renewal and emit its event before returning: 2-7 s for the first slot of a
+        process on a busy machine (measured), all of it time the line would wait. Here
+        the request goes through our client and the rest (``_hold``) is done after the
+        line is left."""
+        import httpx
+        from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+
+        try:
+            response = client.increment_concurrency_slots_with_lease(
+                names=[self.limit_name], slots=1, mode="concurrency",
+                lease_duration=self.lease_seconds)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:
+                return None
+            raise
+        granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+        if not granted.limits:
+            raise ConcurrencySlotAcquisitionError(
+                f"the GPU admission limit {self.limit_name!r} does not exist")
+        return granted.lease_id, list(granted.limits)
+
+    def _hold(self, holding: contextlib.ExitStack, lease_id: UUID, limits: list[Any]) -> None:
+        """Hold a granted slot as `concurrency(strict=True)` does: Prefect's acquired and
+        released events, and Prefect's renewal thread for the lease (a renewal that keeps
+        failing ends the block)."""
+        from prefect.concurrency._events import (
+            emit_concurrency_acquisition_events,
+            emit_concurrency_release_events,
+        )
+        from prefect.concurrency._leases import maintain_concurrency_lease
+
+        events = emit_concurrency_acquisition_events(limits, 1)
+        holding.callback(emit_concurrency_release_events, limits, 1, events)
+        holding.enter_context(maintain_concurrency_lease(
+            lease_id, self.lease_seconds, raise_on_lease_renewal_failure=True))
 
     def locked_indices(self, host: Host, indices: list[int]) -> set[int]:
         """Indices whose lock file on the host is held by a running simulation now."""
