@@ -363,11 +363,11 @@ class GpuPool(Block):
         from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
         from prefect.exceptions import ObjectNotFound
 
-        failures, size = 0, 1
+        failures, size = 0, None  # the limit's size: known after the first read
         with get_client(sync_client=True) as client:
             while True:
                 ahead = ticket.ahead()
-                if ahead >= size:
+                if size is not None and ahead >= size:
                     time.sleep(ticket.line.check_seconds)
                     continue
                 try:
