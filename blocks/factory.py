@@ -79,6 +79,5 @@ def gpu_pool(cfg: MqiConfig) -> GpuPool:
                    skip_gpus_with_foreign_processes=g.skip_gpus_with_foreign_processes,
                    limit_name=g.concurrency_limit, lease_seconds=g.lease_seconds,
                    lock_dir=g.lock_dir, poll_seconds=g.poll_seconds,
-                   admission_poll_seconds=g.admission_poll_seconds,
                    max_wait_seconds=g.max_wait_seconds,
                    query_timeout_seconds=g.query_timeout_seconds)

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import csv
 import io
+import itertools
 import logging
 import re
 import shlex
@@ -28,13 +29,10 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-from uuid import UUID
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl
 
-from blocks.admission_line import Ticket
 from blocks.errors import HostError
 from blocks.host import Host
 
@@ -51,21 +49,12 @@ ADMISSION_RETRIES = 5
 """How often a failed request for a GPU slot is sent again when the API was only busy."""
 
 
-def _release(lease_id: UUID) -> None:
-    """Give a slot back (its lease ends)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        client.release_concurrency_slots_with_lease(lease_id)
-
-
 def _transient(exc: BaseException) -> bool:
     """Whether a failed slot request may succeed if asked again: the API answered 5xx,
     or the connection failed — not a missing limit or a request the server refused."""
     import httpx
 
-    # A read of the limit raises the HTTP error itself; a slot request wraps it.
-    cause = exc if isinstance(exc, (httpx.HTTPError, OSError, TimeoutError)) else exc.__cause__
+    cause = exc.__cause__
     if isinstance(cause, httpx.HTTPStatusError):
         return cause.response.status_code >= 500
     return isinstance(cause, (httpx.TransportError, OSError, TimeoutError))
@@ -214,9 +203,6 @@ class GpuPool(Block):
                           description="Folder of the per-index lock files on the GPU host.")
     poll_seconds: float = Field(default=2.0, gt=0,
                                 description="Pause between rounds while no GPU is free.")
-    admission_poll_seconds: float = Field(
-        default=0.2, gt=0,
-        description="The oldest waiting beam of a machine asks for a slot this often.")
     max_wait_seconds: float = Field(
         default=3600.0, gt=0,
         description="Longest an admitted simulation waits for a usable, unlocked GPU before "
@@ -300,144 +286,51 @@ class GpuPool(Block):
         self.ensure_limit(host)
 
     @contextlib.contextmanager
-    def admission(self, logger: logging.Logger | logging.LoggerAdapter,
-                  order: str = "") -> Iterator[None]:
+    def admission(self, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
         """Hold one admission slot for the life of the ``with`` block.
 
-        Blocks while every GPU is in use, standing in this machine's line of waiting
-        beams (blocks/admission_line.py) by ``order`` (the case's arrival, then the
-        beam's); the head of the line asks for a slot every ``admission_poll_seconds``.
-        A watcher says so in the task's log after a couple of seconds and every 30 s
-        after that.
+        Blocks while every GPU is in use; a watcher says so in the task's log after
+        a couple of seconds and every 30 s after that.
         """
-        from prefect.settings import get_current_settings
-
-        from blocks.admission_line import AdmissionLine, line_folder
+        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+        from prefect.concurrency.sync import concurrency
 
         started = time.monotonic()
         admitted = threading.Event()
-        line = AdmissionLine(line_folder(str(get_current_settings().api.url),
-                                         self.limit_name))
-        # The slot is released however the block ends (return, error, cancellation); a
-        # crashed holder's slot comes back when its lease expires.
-        with contextlib.ExitStack() as holding:
-            # Out of the line as soon as the slot is ours: the next waiter's turn.
-            with line.ticket(order) as ticket:
 
-                def say_waiting() -> None:
-                    interval = 2.0
-                    while not admitted.wait(interval):
-                        ahead = ticket.ahead()
-                        logger.info("waiting for a GPU: all are in use (%.0f s so far%s)",
-                                    time.monotonic() - started,
-                                    f"; {ahead} beam(s) ahead in line" if ahead else "")
-                        interval = 30.0
+        def say_waiting() -> None:
+            interval = 2.0
+            while not admitted.wait(interval):
+                logger.info("waiting for a GPU: all are in use (%.0f s so far)",
+                            time.monotonic() - started)
+                interval = 30.0
 
-                # The copied context carries Prefect's settings and run context into the
-                # thread.
-                watcher = threading.Thread(target=contextvars.copy_context().run,
-                                           args=(say_waiting,), daemon=True,
-                                           name="mqi-gpu-wait")
-                watcher.start()
-                try:
-                    lease_id, limits = self._take_slot(ticket, logger)
-                    holding.callback(_release, lease_id)  # whatever happens next
-                finally:
-                    admitted.set()  # also when taking the slot failed: the watcher stops
-            # Out of the line: the next beam's turn while we start holding the slot.
-            self._hold(holding, lease_id, limits)
-            yield
-
-    def _take_slot(self, ticket: Ticket, logger: logging.Logger | logging.LoggerAdapter
-                   ) -> tuple[UUID, list[Any]]:
-        """Take a slot: its lease id and limits.
-
-        A waiter asks when fewer beams stand before it in the line than the limit has
-        free slots (so the oldest ask first, and several freed slots are asked for at
-        once: one request waits on the server's database for seconds when it is busy);
-        only the first few of the line (as many as the limit has slots) read the limit,
-        every ``admission_poll_seconds``. A slot taken meanwhile by another machine's
-        beam is asked for again at the next look; a busy API (5xx, a dropped connection)
-        with backoff; a missing limit fails at once."""
-        from prefect.client.orchestration import get_client
-        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-        from prefect.exceptions import ObjectNotFound
-
-        failures, size = 0, None  # the limit's size: known after the first read
-        with get_client(sync_client=True) as client:
-            while True:
-                ahead = ticket.ahead()
-                if size is not None and ahead >= size:
-                    time.sleep(ticket.line.check_seconds)
-                    continue
-                try:
-                    limit = client.read_global_concurrency_limit_by_name(self.limit_name)
-                    size = max(1, int(limit.limit))
-                    free = (limit.limit - limit.active_slots) if limit.active else ahead + 1
-                    if free <= ahead:
-                        time.sleep(self.admission_poll_seconds)
-                        continue
-                    granted = self._request(client)
-                    if granted is not None:
-                        return granted
-                    time.sleep(self.admission_poll_seconds)  # taken meanwhile
-                except ObjectNotFound as exc:
-                    raise ConcurrencySlotAcquisitionError(
-                        f"the GPU admission limit {self.limit_name!r} does not exist "
-                        "(`mqi up` or the curator makes it)") from exc
-                except ConcurrencySlotAcquisitionError:
-                    raise
-                except Exception as exc:
-                    # A busy API (SQLite locked, a dropped connection) heals in a moment.
-                    if failures >= ADMISSION_RETRIES or not _transient(exc):
-                        raise
-                    logger.info("asking for a GPU slot failed (%s); asking again",
-                                exc.__cause__ or exc)
-                    time.sleep(min(0.5 * 2 ** failures, 5.0))
-                    failures += 1
-
-    def _request(self, client: Any) -> tuple[UUID, list[Any]] | None:
-        """One request for a slot with a lease: its id and limits, or None if every slot
-        is taken (423).
-
-        `prefect.concurrency.sync.concurrency(strict=True)` would send it through a
-        per-process service on Prefect's event-loop thread, and start the lease's
-        renewal and emit its event before returning: 2-7 s for the first slot of a
-        process on a busy machine (measured), all of it time the line would wait. Here
-        the request goes through our client and the rest (``_hold``) is done after the
-        line is left."""
-        import httpx
-        from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
-        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-
+        # The copied context carries Prefect's settings and run context into the thread.
+        watcher = threading.Thread(target=contextvars.copy_context().run, args=(say_waiting,),
+                                   daemon=True, name="mqi-gpu-wait")
+        watcher.start()
         try:
-            response = client.increment_concurrency_slots_with_lease(
-                names=[self.limit_name], slots=1, mode="concurrency",
-                lease_duration=self.lease_seconds)
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 423:
-                return None
-            raise
-        granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
-        if not granted.limits:
-            raise ConcurrencySlotAcquisitionError(
-                f"the GPU admission limit {self.limit_name!r} does not exist")
-        return granted.lease_id, list(granted.limits)
-
-    def _hold(self, holding: contextlib.ExitStack, lease_id: UUID, limits: list[Any]) -> None:
-        """Hold a granted slot as `concurrency(strict=True)` does: Prefect's acquired and
-        released events, and Prefect's renewal thread for the lease (a renewal that keeps
-        failing ends the block)."""
-        from prefect.concurrency._events import (
-            emit_concurrency_acquisition_events,
-            emit_concurrency_release_events,
-        )
-        from prefect.concurrency._leases import maintain_concurrency_lease
-
-        events = emit_concurrency_acquisition_events(limits, 1)
-        holding.callback(emit_concurrency_release_events, limits, 1, events)
-        holding.enter_context(maintain_concurrency_lease(
-            lease_id, self.lease_seconds, raise_on_lease_renewal_failure=True))
+            # The slot is released however the block ends (return, error, cancellation);
+            # a crashed holder's slot comes back when its lease expires.
+            with contextlib.ExitStack() as held:
+                for attempt in itertools.count():
+                    try:
+                        held.enter_context(concurrency(
+                            self.limit_name, occupy=1, lease_duration=self.lease_seconds,
+                            strict=True))
+                        break
+                    except ConcurrencySlotAcquisitionError as exc:
+                        # A busy API (SQLite locked, a dropped connection) heals in a
+                        # moment; a missing limit or a refused request does not.
+                        if attempt >= ADMISSION_RETRIES or not _transient(exc):
+                            raise
+                        logger.info("asking for a GPU slot failed (%s); asking again",
+                                    exc.__cause__ or exc)
+                        time.sleep(min(0.5 * 2 ** attempt, 5.0))
+                admitted.set()
+                yield
+        finally:
+            admitted.set()  # also when taking the slot failed: the watcher stops either way
 
     def locked_indices(self, host: Host, indices: list[int]) -> set[int]:
         """Indices whose lock file on the host is held by a running simulation now."""

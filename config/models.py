@@ -194,9 +194,6 @@ class GpuSettings(Section):
     set_cuda_visible_devices: bool = False
     poll_seconds: PositiveSeconds = 2.0
     max_slot_wait_seconds: PositiveSeconds = 1.0
-    admission_poll_seconds: PositiveSeconds = Field(
-        default=0.2, description="The oldest waiting beam of a machine asks for a GPU slot "
-        "this often (the others wait in line behind it: blocks/admission_line.py).")
     max_wait_seconds: PositiveSeconds = 3600.0
     query_timeout_seconds: PositiveSeconds = 30.0
     host_retry_seconds: PositiveSeconds = Field(

@@ -178,15 +178,6 @@ def _name_task_run(name: str) -> None:
                      daemon=True, name=f"rename-{name}").start()
 
 
-def admission_order() -> str:
-    """Where this run's beams stand in the line for a GPU: by the case's arrival (its
-    run's scheduled start), so an old case's beams go before a newer case's."""
-    from prefect.runtime import flow_run
-
-    arrival = flow_run.scheduled_start_time
-    return f"{int(arrival.timestamp() * 1e6):017d}"
-
-
 def _rename(run_id: UUID) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
@@ -232,9 +223,8 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
         end_earlier_simulation(flow_host(cfg), remote_layout(cfg, case_id, flow_run_id),
                                beam.number, logger)
     waited_from = time.monotonic()
-    order = admission_order()
     while True:
-        with pool.admission(logger, order):
+        with pool.admission(logger):
             for attempt in itertools.count():
                 if hosts:
                     where = placement.choose(cfg, hosts, logger, spread=beam.number + attempt,
