@@ -282,7 +282,9 @@ def _note(outcome: object) -> str:
     if isinstance(outcome, str):
         return outcome
     if isinstance(outcome, SimulationOutcome):
-        return f"GPU {outcome.gpu}, {outcome.seconds:.1f} s (waited {outcome.waited:.1f} s)"
+        where = f" on {outcome.host}" if outcome.host else ""  # one of several GPU hosts
+        return (f"GPU {outcome.gpu}{where}, {outcome.seconds:.1f} s "
+                f"(waited {outcome.waited:.1f} s)")
     if isinstance(outcome, UploadOutcome):
         return (f"{outcome.files} file(s), {outcome.bytes / 1e6:.1f} MB in "
                 f"{outcome.seconds:.1f} s ({outcome.skipped} already there)")

@@ -50,3 +50,13 @@ def test_a_case_stage_that_fails_for_one_beam_marks_its_own_row():
     page = report.render()
     assert "## verify [beam 2] FAILED" in page
     assert "| verify | FAILED | verify [beam 2]: no RT Dose in /r/c1/dicom/beam_2 |" in page
+
+
+def test_a_simulation_note_names_its_gpu_host_when_there_are_several() -> None:
+    from flows.case_report import _note
+    from flows.outcomes import SimulationOutcome
+
+    one = SimulationOutcome(beam=2, gpu=1, seconds=30.04, waited=0.5)
+    assert _note(one) == "GPU 1, 30.0 s (waited 0.5 s)"
+    several = SimulationOutcome(beam=2, gpu=1, seconds=30.04, waited=0.5, host="gpu_b")
+    assert _note(several) == "GPU 1 on gpu_b, 30.0 s (waited 0.5 s)"
