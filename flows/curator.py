@@ -21,6 +21,7 @@ See docs/curator.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -189,12 +190,14 @@ def compare(rows: list[GpuRow], last: LastLook, host: str) -> tuple[list[GpuRow]
 
 # ---------------------------------------------------------------------- the look
 def gpu_report(cfg: MqiConfig, host: Host, pool: GpuPool,
-               client: SyncPrefectClient | None) -> tuple[list[GpuRow], list[str]]:
+               client: SyncPrefectClient | None, *, pooled: bool = False
+               ) -> tuple[list[GpuRow], list[str]]:
     """The table ``mqi gpus`` prints: rows, and notes to print below them.
 
     Args:
         client: A Prefect client when the API answers (task-run names, GPUs gone
             since the curator's last look); None reads the host alone.
+        pooled: ``cfg`` is the view of one of several GPU hosts (its own last look).
 
     Raises:
         HostError: The host did not answer, or its GPU query failed.
@@ -206,7 +209,7 @@ def gpu_report(cfg: MqiConfig, host: Host, pool: GpuPool,
     last = LastLook()
     if client is not None:
         runs = read_runs(client, _case_ids(found))
-        last = load_last_look(cfg)
+        last = load_last_look(cfg, pooled)
     else:
         notes.append("(no Prefect API: task runs not shown)")
     rows = gpu_rows(host_name(host), found, pool, cfg.curator.max_temperature_c, runs)
@@ -223,28 +226,45 @@ class GpuReadError(MqiError):
 
 
 def gpus_now(cfg: MqiConfig, with_api: bool) -> tuple[list[GpuRow], list[str]]:
-    """``gpu_report`` for the host and pool the configuration describes (`mqi gpus`).
+    """``gpu_report`` for the host(s) and pool the configuration describes (`mqi gpus`).
+
+    With several GPU hosts, every host's rows; a host that does not answer is a note
+    (its GPUs are out of the pool until it does), unless none answers.
 
     Args:
         with_api: The Prefect API answers (``PREFECT_API_URL`` points at it).
 
     Raises:
-        GpuReadError: The host did not answer, or its GPU query failed.
+        GpuReadError: The host (every host, with several) did not answer, or its GPU
+            query failed.
     """
     from prefect.client.orchestration import get_client
 
     from blocks.factory import gpu_host, gpu_pool
+    from flows.placement import host_view
 
-    host = gpu_host(cfg)
-    try:
-        if not with_api:
-            return gpu_report(cfg, host, gpu_pool(cfg), None)
-        with get_client(sync_client=True) as client:
-            return gpu_report(cfg, host, gpu_pool(cfg), client)
-    except (HostError, GpuQueryError) as exc:
-        raise GpuReadError(f"could not read the GPUs of {host_name(host)}: {exc}") from None
-    finally:
-        host.close()
+    names = cfg.gpu.host_names if cfg.gpu.several_hosts else [None]
+    rows: list[GpuRow] = []
+    notes: list[str] = []
+    failures: list[str] = []
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(get_client(sync_client=True)) if with_api else None
+        for name in names:
+            view = host_view(cfg, name) if name is not None else cfg
+            host = gpu_host(view)
+            try:
+                found, said = gpu_report(view, host, gpu_pool(view), client,
+                                         pooled=name is not None)
+            except (HostError, GpuQueryError) as exc:
+                failures.append(f"could not read the GPUs of {host_name(host)}: {exc}")
+                continue
+            finally:
+                host.close()
+            rows += found
+            notes += [n for n in said if n not in notes]
+    if failures and not rows and len(failures) == len(names):
+        raise GpuReadError("; ".join(failures))
+    return rows, notes + [f"{f} (its GPUs are out of the pool)" for f in failures]
 
 
 @flow(name=CURATOR_FLOW, flow_run_name="curate-gpus")

@@ -268,3 +268,36 @@ def test_gpu_hosts_in_the_configuration(tmp_path: Path):
     assert err["gpu.hosts[1].host"] == "'gpu' is listed twice"
     assert err["gpu.hosts[2].host"].startswith("no host named 'gpu_c'")
     assert "case steps (summary) must come before" in err["workflows.default_qa"]
+
+
+def test_mqi_gpus_shows_every_gpu_host_and_says_which_one_does_not_answer(
+        tmp_path: Path, monkeypatch):
+    from config import load_config
+    from flows.curator import GpuReadError, gpus_now
+    from tests.test_config import BASE, write
+
+    control = tmp_path / "control.json"
+    control.write_text(json.dumps({"gpus": 2, "state_dir": str(tmp_path / "state")}))
+    monkeypatch.setenv("MQI_SIM_CONTROL", str(control))
+    smi = f"{sys.executable} -m {simulator('nvidia_smi')}"
+    data = json.loads(json.dumps(BASE))
+    data["paths"]["data_dir"] = str(tmp_path / "data")
+    data["hosts"]["gpu_a"] = {"kind": "local"}
+    data["hosts"]["gpu_b"] = dict(data["hosts"]["gpu"], hostname="127.0.0.1", port=free_port(),
+                                  known_hosts_path=str(tmp_path / "known_hosts"),
+                                  connect_retries=0, connect_timeout_seconds=2.0,
+                                  private_key_path=None, password_env="MQI_TEST_PASSWORD")
+    monkeypatch.setenv("MQI_TEST_PASSWORD", "not-used")  # nothing listens on the port
+    data["gpu"].update(hosts=["gpu_a", "gpu_b"], query_command=f"{smi} {GPU_QUERY}",
+                       apps_command=f"{smi} {APPS_QUERY}", lock_dir=str(tmp_path / "locks"))
+    cfg = load_config(write(tmp_path, data))
+
+    rows, notes = gpus_now(cfg, with_api=False)
+    assert sorted(r.index for r in rows) == [0, 1]  # the answering host's two GPUs
+    gone = [n for n in notes if "could not read the GPUs of" in n]
+    assert len(gone) == 1 and "127.0.0.1" in gone[0] and "out of the pool" in gone[0], notes
+    assert "refused" in gone[0] or "could not connect" in gone[0], gone
+
+    data["hosts"]["gpu_a"] = dict(data["hosts"]["gpu_b"], port=free_port())
+    with pytest.raises(GpuReadError, match="could not read the GPUs of"):
+        gpus_now(load_config(write(tmp_path, data, "none.yaml")), with_api=False)
