@@ -274,3 +274,22 @@ def test_a_tool_run_by_another_is_checked_with_it():
     assert tool_argv(cfg, "interpreter") == (["python3", "/opt/mqi/interpreter/main_cli.py"],
                                              "python")
     assert tool_argv(cfg, "moqui") == (["/opt/moqui/bin/tps_env"], None)
+
+
+def test_each_of_several_gpu_hosts_is_checked(inst, sshd, tmp_path, capsys):
+    port = free_port()  # gpu_b: nothing listens there
+
+    def two_hosts(d: dict[str, Any]) -> None:
+        d["hosts"]["gpu_b"] = dict(d["hosts"]["gpu"], port=port)
+        d["gpu"]["hosts"] = ["gpu", "gpu_b"]
+
+    rc, lines = doctor(variant(inst, tmp_path, two_hosts), capsys)
+    assert rc == 1, "\n".join(lines)
+    address = host_address(inst, sshd)
+    assert line(lines, f"✓ host key of 127.0.0.1:{sshd.port}")
+    assert line(lines, f"✓ SSH login to {address}")
+    assert line(lines, f"✓ GPUs on {address}")
+    assert line(lines, f"✗ host key of 127.0.0.1:{port}")
+    assert line(lines, "- SSH login to").endswith(
+        "skipped (needs a reachable host with a known key)")
+    assert len([ln for ln in lines if ln.endswith("skipped (needs SSH login)")]) == 4 + 2

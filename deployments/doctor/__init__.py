@@ -45,10 +45,9 @@ from deployments.doctor.remote import (
 __all__ = ["Check", "diagnose", "run_checks", "tool_argv"]
 
 
-def credential_checks(cfg: MqiConfig, login_needs: list[str]) -> Iterator[Check]:
-    """Key files of the ssh hosts and every ``*_env`` variable; what the GPU host's
-    login would lack is added to ``login_needs``."""
-    gpu = cfg.gpu.primary
+def credential_checks(cfg: MqiConfig, login_needs: dict[str, list[str]]) -> Iterator[Check]:
+    """Key files of the ssh hosts and every ``*_env`` variable; what a GPU host's login
+    would lack is added to ``login_needs[<its name>]``."""
     for name, settings in cfg.hosts.items():
         if settings.kind != "ssh":
             continue
@@ -56,13 +55,14 @@ def credential_checks(cfg: MqiConfig, login_needs: list[str]) -> Iterator[Check]
         if settings.private_key_path:
             checks.append(check_key_file(name, settings))
         for check in filter(None, checks):
-            if name == gpu and not check.passed:
-                login_needs.append("a usable key")
+            if name in login_needs and not check.passed:
+                login_needs[name].append("a usable key")
             yield check
     for key, env in secret_env_names(cfg):
         check = check_env(key, env)
-        if key.startswith(f"hosts.{gpu}.") and not check.passed:
-            login_needs.append(f"{env} set")
+        for gpu, needs in login_needs.items():
+            if key.startswith(f"hosts.{gpu}.") and not check.passed:
+                needs.append(f"{env} set")
         yield check
 
 
@@ -105,9 +105,15 @@ def gpu_host_checks(cfg: MqiConfig, login_needs: list[str]) -> Iterator[Check]:
 
 def run_checks(cfg: MqiConfig) -> Iterator[Check]:
     """Every check, in the order a case meets them, each as soon as it is done."""
-    login_needs: list[str] = []
+    from flows.placement import host_view
+
+    # With several GPU hosts (gpu.hosts) each is checked as a case would meet it: its
+    # own login, tools, work root and GPUs.
+    login_needs: dict[str, list[str]] = {name: [] for name in cfg.gpu.host_names}
     yield from credential_checks(cfg, login_needs)
-    yield from gpu_host_checks(cfg, login_needs)
+    for name, needs in login_needs.items():
+        yield from gpu_host_checks(host_view(cfg, name) if cfg.gpu.several_hosts else cfg,
+                                   needs)
     yield check_local_dir("scanner.target_directory", Path(cfg.scanner.target_directory),
                           must_exist=True)
     yield check_local_dir("paths.results_root", Path(cfg.paths.results_root), must_exist=False)
