@@ -51,6 +51,7 @@ def host_from_settings(name: str, settings: HostSettings) -> Host:
         auto_add_host_keys=settings.auto_add_host_keys,
         connect_timeout=settings.connect_timeout_seconds,
         keepalive_interval=settings.keepalive_seconds,
+        transfer_idle_timeout=settings.transfer_idle_seconds,
         connect_retries=settings.connect_retries,
         kill_grace_period=settings.kill_grace_seconds,
     )

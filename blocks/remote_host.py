@@ -58,6 +58,9 @@ class RemoteHost(Block):
         default=10.0, gt=0, description="Seconds to wait for TCP connect, banner and auth.")
     keepalive_interval: int = Field(
         default=30, ge=0, description="Seconds between SSH keepalives (0 disables them).")
+    transfer_idle_timeout: float = Field(
+        default=120.0, gt=0,
+        description="Seconds a transfer may move nothing before it fails as a lost connection.")
     connect_retries: int = Field(
         default=3, ge=0,
         description="Retries of a connection that failed for a network reason (never for "

@@ -43,11 +43,23 @@ SFTP_WINDOW_SIZE = 16 * 1024 * 1024
 
 
 def open_sftp(host: SshSettings) -> paramiko.SFTPClient:
-    """An SFTP session on the host's live connection, with a large window and packets."""
+    """An SFTP session on the host's live connection, with a large window and packets.
+
+    A read or write on it that moves nothing for ``transfer_idle_timeout`` raises
+    TimeoutError: a host that hangs with its connection open (seen: a crashed host whose
+    SFTP servers lived on) would otherwise hold a transfer for ever."""
     sftp = paramiko.SFTPClient.from_transport(
         transport(host), window_size=SFTP_WINDOW_SIZE, max_packet_size=SFTP_PACKET_SIZE)
     assert sftp is not None  # None only when the subsystem channel could not be opened
+    channel = sftp.get_channel()
+    assert channel is not None  # the subsystem channel the client was made on
+    channel.settimeout(host.transfer_idle_timeout)
     return sftp
+
+
+def _stalled(host: SshSettings) -> str:
+    return (f"nothing moved for {host.transfer_idle_timeout:g} s: the host or the link "
+            f"stalled (hosts.<name>.transfer_idle_seconds)")
 
 
 def remote_sizes(sftp: paramiko.SFTPClient, remote_dir: str) -> dict[str, int] | None:
@@ -187,6 +199,9 @@ def upload(host: SshSettings, local_dir: str | os.PathLike[str],
     except (paramiko.SSHException, EOFError) as exc:  # the link went mid-way
         raise HostConnectError(f"upload to {host.address}:{remote_dir}: the connection was "
                                f"lost ({type(exc).__name__}: {exc})") from exc
+    except TimeoutError as exc:
+        raise HostConnectError(f"upload to {host.address}:{remote_dir}: {_stalled(host)}") \
+            from exc
     except OSError as exc:
         raise TransferError(f"upload to {host.address}:{remote_dir} failed: {exc}"
                             f"{_remote_space(host, remote_dir, local, to_send)}") from exc
@@ -221,6 +236,9 @@ def download(host: SshSettings, remote_dir: str,
     except (paramiko.SSHException, EOFError) as exc:  # the link went mid-way
         raise HostConnectError(f"download from {host.address}:{remote_dir}: the connection "
                                f"was lost ({type(exc).__name__}: {exc})") from exc
+    except TimeoutError as exc:
+        raise HostConnectError(f"download from {host.address}:{remote_dir}: "
+                               f"{_stalled(host)}") from exc
     except OSError as exc:
         # The local side's error names no file when a write fails (a full disk): say
         # where it was going.

@@ -50,6 +50,7 @@ class SshSettings(Protocol):
     auto_add_host_keys: bool
     connect_timeout: float
     keepalive_interval: int
+    transfer_idle_timeout: float
     connect_retries: int
     retry_backoff: float
 

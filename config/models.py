@@ -148,6 +148,10 @@ class HostSettings(Section):
     auto_add_host_keys: bool = False
     connect_timeout_seconds: PositiveSeconds = 10.0
     keepalive_seconds: Annotated[int, Field(ge=0)] = 30
+    transfer_idle_seconds: PositiveSeconds = Field(
+        default=120.0, description="ssh hosts: a transfer that sends or receives nothing for "
+        "this long fails as a lost connection (a stalled host or link), instead of waiting "
+        "for ever.")
     connect_retries: Annotated[int, Field(ge=0, le=20)] = 3
     kill_grace_seconds: Seconds = 5.0
     working_dir: LocalPath | None = Field(

@@ -129,3 +129,58 @@ def test_connection_is_reused_and_close_is_idempotent(sshd):
 def test_port_is_validated():
     with pytest.raises(ValueError):
         RemoteHost(hostname="h", username="u", port=70000)
+
+
+def test_a_transfer_from_a_host_that_hangs_fails_after_the_idle_timeout(sshd, tmp_path):
+    """A host that stops answering with its connection open (here: its SFTP server is
+    stopped mid-transfer) fails the transfer as a lost connection after
+    transfer_idle_timeout, instead of holding it for ever."""
+    import contextlib
+    import os
+    import signal
+    import threading
+
+    from blocks import procfs
+
+    remote = sshd.remote_host(transfer_idle_timeout=2.0)
+    stopped: list[int] = []
+    try:
+        folder = str(tmp_path / "remote")  # the test's sshd serves this machine
+        remote.run(f"mkdir -p {folder} && head -c 200000000 /dev/urandom > {folder}/big.bin",
+                   stream=False, timeout=120)
+        before = {p.pid for p in procfs.all_stats() if p.alive}
+        done = threading.Event()
+
+        def stop_its_sftp_server() -> None:
+            assert sshd.process is not None
+            while not done.is_set() and not stopped:
+                for p in procfs.all_stats():
+                    if p.alive and p.pid not in before and _comm(p.pid) == "sftp-server":
+                        os.kill(p.pid, signal.SIGSTOP)
+                        stopped.append(p.pid)
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=stop_its_sftp_server, daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        with pytest.raises(HostConnectError, match="nothing moved for 2 s"):
+            remote.download(folder, tmp_path / "got")
+        took = time.monotonic() - started
+        done.set()
+        assert stopped, "the SFTP server was not found"
+        assert took < 30, took
+        assert not list((tmp_path / "got").glob("big.bin"))  # nothing half-made in place
+    finally:
+        for pid in stopped:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        remote.close()
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
