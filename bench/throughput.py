@@ -57,6 +57,7 @@ import httpx
 import yaml
 
 from bench.memory_up import pss_kib, rss_kib
+from blocks import procfs
 from flows.naming import DEPLOYMENT, SIMULATION_TASK, run_name
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -91,6 +92,7 @@ class Beam:
     released: float | None = None   # the slot released (Prefect's event)
     done: float | None = None       # task run ended
     gpu: int | None = None
+    arrival: float | None = None    # its case's arrival: the flow run's expected start
 
     @property
     def slot_from(self) -> float | None:
@@ -114,6 +116,7 @@ class Measured:
     collisions: int = 0
     timed_out: bool = False
     finished_seen: float | None = None
+    cpu: dict[str, float] = field(default_factory=dict)  # part -> CPU s during the run
 
 
 def ts(value: str | None) -> float | None:
@@ -201,6 +204,40 @@ def tree_memory(root: int) -> tuple[int, int, int]:
     return sum(map(rss_kib, pids)), sum(map(pss_kib, pids)), len(pids)
 
 
+def _cpu_ticks(pid: int) -> int:
+    """User + system ticks of ``pid`` and of its children it has reaped (0 when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rpartition(b")")[2].split()
+    except OSError:
+        return 0
+    return sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+
+
+def cpu_by_part(up_pid: int, sshd_pid: int | None) -> dict[str, float]:
+    """CPU seconds used so far by each part: each child of `mqi up` with everything
+    below it (named by its role), `mqi up` itself, and the sshd with its sessions and
+    the simulators. A process that ended counts in its reaper's children's time."""
+    from deployments.supervisor import descendants
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {"mqi up": _cpu_ticks(up_pid) / tick}
+    roles = ("housekeeping", "sensor", "server", "serve")  # first match wins
+    children = [p.pid for p in procfs.all_stats() if p.ppid == up_pid]
+    for child in children:
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        role = next((r for r in roles if r in argv), f"pid {child}")
+        total = sum(_cpu_ticks(p) for p in [child, *descendants(child)])
+        out[role] = out.get(role, 0.0) + total / tick
+    if sshd_pid is not None:
+        out["sshd + simulators"] = sum(
+            _cpu_ticks(p) for p in [sshd_pid, *descendants(sshd_pid)]) / tick
+    return out
+
+
 def all_final(runs: list[dict[str, Any]], names: list[str]) -> bool:
     return ({r["name"] for r in runs} >= set(names)
             and all(r["state"]["type"] in FINAL for r in runs))
@@ -228,7 +265,7 @@ def stage_cases(staging: Path, args: argparse.Namespace, marker: str) -> list[Pa
 
 
 def measure(inst: Any, api: Api, up_pid: int, staged: list[Path],
-            args: argparse.Namespace) -> Measured:
+            args: argparse.Namespace, sshd_pid: int | None = None) -> Measured:
     names = [run_name(p.name) for p in staged]
     deadline = time.monotonic() + 120
     while not api.deployment_ready():  # serve has registered process_case
@@ -239,6 +276,7 @@ def measure(inst: Any, api: Api, up_pid: int, staged: list[Path],
     for _ in range(int(args.settle / SAMPLE_SECONDS) or 1):  # idle memory: the baseline
         idle.append(tree_memory(up_pid))
         time.sleep(SAMPLE_SECONDS)
+    cpu_before = cpu_by_part(up_pid, sshd_pid)
     out = Measured(drop=time.time(), idle=max(idle))
     for path in staged:  # one go: every case arrives complete, marker included
         os.replace(path, inst.scan_root / path.name)
@@ -267,6 +305,8 @@ def measure(inst: Any, api: Api, up_pid: int, staged: list[Path],
                   f"{dict(sorted(states.items()))}, {rss / 1024:.0f} MiB RSS", flush=True)
         tick += 1
         time.sleep(max(0.0, SAMPLE_SECONDS - (time.monotonic() - started)))
+    cpu_after = cpu_by_part(up_pid, sshd_pid)
+    out.cpu = {part: cpu_after[part] - cpu_before.get(part, 0.0) for part in cpu_after}
     collect(inst, api, names, out)
     return out
 
@@ -310,7 +350,8 @@ def beams_of(out: Measured) -> list[Beam]:
         slot = out.slots.get(task["id"], {})
         b = Beam(run["name"], int(match.group(1)), ready=ts(task["start_time"]),
                  done=ts(task["end_time"]), chosen=out.chosen.get(task["id"]),
-                 acquired=slot.get("acquired"), released=slot.get("released"))
+                 acquired=slot.get("acquired"), released=slot.get("released"),
+                 arrival=ts(run.get("expected_start_time")))
         beams[(run["id"].replace("-", "")[:8], b.beam)] = b
     for gpu, spans in out.sims.items():
         for start, end, path in spans:
@@ -321,6 +362,16 @@ def beams_of(out: Measured) -> list[Beam]:
             b = beams.setdefault(key, Beam(short.get(key[0], "?"), key[1]))
             b.sim_start, b.sim_end, b.gpu = start, end, gpu
     return list(beams.values())
+
+
+def passed_by_newer(beams: list[Beam]) -> list[int]:
+    """For each beam, how many beams of cases that arrived later took a GPU slot while it
+    was already waiting for one (0 everywhere: admission in arrival order)."""
+    known = [b for b in beams if b.arrival is not None and b.ready is not None
+             and b.acquired is not None]
+    return [sum(1 for o in known if o.arrival > a.arrival  # type: ignore[operator]
+                and a.ready < o.acquired < a.acquired)  # type: ignore[operator]
+            for a in known]
 
 
 def concurrency(spans: Iterable[tuple[float, float]]) -> int:
@@ -394,6 +445,7 @@ def report(out: Measured, args: argparse.Namespace) -> int:
                  for e in [ts(r.get("end_time"))]]
     sampled = [s.running for s in out.samples if s.running is not None]
     beams = beams_of(out)
+    passed = passed_by_newer(beams)
 
     print(f"\n== {args.cases} cases x {args.beams} beams x {args.sim_seconds:g} s on {g} "
           f"simulated GPUs (max_concurrent: {args.max_concurrent})"
@@ -518,6 +570,9 @@ def report(out: Measured, args: argparse.Namespace) -> int:
         (f"beams waiting >{WAITED_WHILE_FREE:g} s with a free slot",
          f"{sum(1 for w in waited_free if w > WAITED_WHILE_FREE)} of {len(waited_free)}"
          + (f" (max {max(waited_free):.1f} s)" if waited_free else "")),
+        ("beams passed by a newer case's beam",
+         f"{sum(1 for n in passed if n)} of {len(passed)}"
+         + (f" ({sum(passed)} times, at most {max(passed)} for one beam)" if passed else "")),
         ("flow runs RUNNING at once (max)",
          f"{max(sampled, default=0)} sampled, {most} from the runs' times"),
         ("idle tree (before the drop)",
@@ -544,6 +599,17 @@ def report(out: Measured, args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
+    if out.cpu:
+        # Where the machine's CPU went from the drop to the last run's end: on a
+        # small machine the cases' own overhead, not the GPUs, can set the pace.
+        total = sum(out.cpu.values())
+        seen = (out.finished_seen or last) - drop
+        print(f"\nCPU time from the drop to the end ({seen:.1f} s wall, {os.cpu_count()} cores: "
+              f"{total:.1f} CPU s = {total / max(seen, 1e-9):.2f} cores busy, "
+              f"{total / max(args.cases, 1):.2f} CPU s per case):")
+        for part, secs in sorted(out.cpu.items(), key=lambda kv: -kv[1]):
+            print(f"  {part:<{width}}  {secs:7.1f} s  ({secs / max(total, 1e-9):5.1%}, "
+                  f"{secs / max(args.cases, 1):.2f} s per case)")
     sys.stdout.flush()
     if out.timed_out:
         return 1
@@ -587,7 +653,8 @@ def main() -> None:
               flush=True)
         up = inst.start_up()
         api = Api(inst.api_url)
-        out = measure(inst, api, up.pid, staged, args)
+        out = measure(inst, api, up.pid, staged, args,
+                      sshd.process.pid if sshd.process is not None else None)
         code = report(out, args)
     finally:
         if up is not None:
