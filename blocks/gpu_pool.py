@@ -29,12 +29,18 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from prefect.blocks.core import Block
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from pydantic import Field, HttpUrl
 
 from blocks.errors import HostError
 from blocks.host import Host
+
+if TYPE_CHECKING:
+    from blocks.admission_line import AdmissionLine, Ticket
 
 log = logging.getLogger("mqi.gpu_pool")
 
@@ -49,12 +55,30 @@ ADMISSION_RETRIES = 5
 """How often a failed request for a GPU slot is sent again when the API was only busy."""
 
 
+def _release(lease_id: UUID, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Give a slot back (its lease ends). A busy API is asked again a few times: a slot
+    whose release is lost stays taken until its lease expires (``lease_seconds``)."""
+    from prefect.client.orchestration import get_client
+
+    for attempt in itertools.count():
+        try:
+            with get_client(sync_client=True) as client:
+                client.release_concurrency_slots_with_lease(lease_id)
+            return
+        except Exception as exc:
+            if attempt >= ADMISSION_RETRIES or not _transient(exc):
+                raise
+            logger.info("giving the GPU slot back failed (%s); trying again", exc)
+            time.sleep(min(0.5 * 2 ** attempt, 5.0))
+
+
 def _transient(exc: BaseException) -> bool:
     """Whether a failed slot request may succeed if asked again: the API answered 5xx,
     or the connection failed — not a missing limit or a request the server refused."""
     import httpx
 
-    cause = exc.__cause__
+    # The client raises the HTTP error itself; Prefect's concurrency helpers wrap it.
+    cause = exc if isinstance(exc, (httpx.HTTPError, OSError, TimeoutError)) else exc.__cause__
     if isinstance(cause, httpx.HTTPStatusError):
         return cause.response.status_code >= 500
     return isinstance(cause, (httpx.TransportError, OSError, TimeoutError))
@@ -286,51 +310,161 @@ class GpuPool(Block):
         self.ensure_limit(host)
 
     @contextlib.contextmanager
-    def admission(self, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
+    def admission(self, logger: logging.Logger | logging.LoggerAdapter,
+                  order: str = "") -> Iterator[None]:
         """Hold one admission slot for the life of the ``with`` block.
 
-        Blocks while every GPU is in use; a watcher says so in the task's log after
-        a couple of seconds and every 30 s after that.
+        Blocks while every GPU is in use, standing in this machine's line of waiting
+        beams (blocks/admission_line.py) by ``order`` (the case's arrival, then the
+        beam's): the first of the line ask for a slot when a slot is given back on this
+        machine (the line's bell) and every ``poll_seconds`` (or the server's
+        Retry-After, if shorter) otherwise. A watcher says so in the task's log after a
+        couple of seconds and every 30 s after that.
         """
-        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-        from prefect.concurrency.sync import concurrency
+        from prefect.concurrency._events import (
+            emit_concurrency_acquisition_events,
+            emit_concurrency_release_events,
+        )
+        from prefect.concurrency._leases import maintain_concurrency_lease
+        from prefect.settings import get_current_settings
+
+        from blocks.admission_line import AdmissionLine, line_folder
 
         started = time.monotonic()
         admitted = threading.Event()
+        line = AdmissionLine(line_folder(str(get_current_settings().api.url),
+                                         self.limit_name))
+        events: list[Any] = []
+        with contextlib.ExitStack() as holding:
+            with line.ticket(order) as ticket:
 
-        def say_waiting() -> None:
-            interval = 2.0
-            while not admitted.wait(interval):
-                logger.info("waiting for a GPU: all are in use (%.0f s so far)",
-                            time.monotonic() - started)
-                interval = 30.0
+                def say_waiting() -> None:
+                    interval = 2.0
+                    while not admitted.wait(interval):
+                        ahead = ticket.ahead()
+                        logger.info("waiting for a GPU: all are in use (%.0f s so far%s)",
+                                    time.monotonic() - started,
+                                    f"; {ahead} beam(s) ahead in line" if ahead else "")
+                        interval = 30.0
 
-        # The copied context carries Prefect's settings and run context into the thread.
-        watcher = threading.Thread(target=contextvars.copy_context().run, args=(say_waiting,),
-                                   daemon=True, name="mqi-gpu-wait")
-        watcher.start()
-        try:
-            # The slot is released however the block ends (return, error, cancellation);
-            # a crashed holder's slot comes back when its lease expires.
-            with contextlib.ExitStack() as held:
-                for attempt in itertools.count():
+                # The copied context carries Prefect's settings and run context into the
+                # thread.
+                watcher = threading.Thread(target=contextvars.copy_context().run,
+                                           args=(say_waiting,), daemon=True,
+                                           name="mqi-gpu-wait")
+                watcher.start()
+                try:
+                    lease_id, limits = self._take_slot(line, ticket, logger)
+                finally:
+                    admitted.set()  # also when taking the slot failed: the watcher stops
+
+                def give_back() -> None:
+                    # However the block ends (return, error, cancellation); a crashed
+                    # holder's slot comes back when its lease expires. The bell rings
+                    # once the slot is free, so a waiting beam takes it at once; the
+                    # released event follows the release, as with Prefect's concurrency().
                     try:
-                        held.enter_context(concurrency(
-                            self.limit_name, occupy=1, lease_duration=self.lease_seconds,
-                            strict=True))
-                        break
-                    except ConcurrencySlotAcquisitionError as exc:
-                        # A busy API (SQLite locked, a dropped connection) heals in a
-                        # moment; a missing limit or a refused request does not.
-                        if attempt >= ADMISSION_RETRIES or not _transient(exc):
-                            raise
-                        logger.info("asking for a GPU slot failed (%s); asking again",
-                                    exc.__cause__ or exc)
-                        time.sleep(min(0.5 * 2 ** attempt, 5.0))
-                admitted.set()
-                yield
-        finally:
-            admitted.set()  # also when taking the slot failed: the watcher stops either way
+                        _release(lease_id, logger)
+                    finally:
+                        line.ring()
+                        if events:
+                            emit_concurrency_release_events(limits, 1, events[0])
+
+                holding.callback(give_back)
+            # Out of the line: the next beam's turn while this one starts holding the slot.
+            events.append(emit_concurrency_acquisition_events(limits, 1))
+            # Prefect's renewal thread keeps the lease; one that keeps failing ends the
+            # block, as concurrency(strict=True) does.
+            holding.enter_context(maintain_concurrency_lease(
+                lease_id, self.lease_seconds, raise_on_lease_renewal_failure=True))
+            yield
+
+    def _take_slot(self, line: AdmissionLine, ticket: Ticket,
+                   logger: logging.Logger | logging.LoggerAdapter,
+                   ) -> tuple[UUID, list[Any]]:
+        """Take a slot: its lease id and limits.
+
+        A waiter asks while fewer live waiters stand before it than the limit has slots;
+        after a refusal it waits for the bell or ``poll_seconds`` (the server's
+        Retry-After when shorter). A busy API (5xx, a dropped connection) is asked again
+        with backoff; a missing limit fails at once.
+        """
+        from prefect.client.orchestration import get_client
+
+        failures = 0
+        with get_client(sync_client=True) as client:
+            size = self._size(client)
+            while True:
+                chime = line.chime()  # before asking: a slot freed meanwhile is not missed
+                first = ticket.ahead() < size
+                pause = self.poll_seconds
+                try:
+                    if first:
+                        granted, retry_after = self._request(client)
+                        if granted is not None:
+                            return granted
+                        pause = min(pause, retry_after)
+                    elif not line.wait_for_bell(chime, pause):
+                        size = self._size(client)  # a larger limit lets more of the line ask
+                        continue
+                    else:
+                        continue
+                except ConcurrencySlotAcquisitionError:
+                    raise
+                except Exception as exc:
+                    # A busy API (SQLite locked, a dropped connection) heals in a moment.
+                    if failures >= ADMISSION_RETRIES or not _transient(exc):
+                        raise
+                    logger.info("asking for a GPU slot failed (%s); asking again",
+                                exc.__cause__ or exc)
+                    time.sleep(min(0.5 * 2 ** failures, 5.0))
+                    failures += 1
+                    continue
+                line.wait_for_bell(chime, pause)
+
+    def _size(self, client: Any) -> int:
+        """How many waiters of the line may ask: the limit's slots (every waiter when the
+        limit is switched off, Prefect then admits all)."""
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            limit = client.read_global_concurrency_limit_by_name(self.limit_name)
+        except ObjectNotFound as exc:
+            raise ConcurrencySlotAcquisitionError(
+                f"the GPU admission limit {self.limit_name!r} does not exist "
+                "(`mqi up`, `mqi run` or the curator makes it)") from exc
+        return int(limit.limit) if limit.active else 1 << 30
+
+    def _request(self, client: Any) -> tuple[tuple[UUID, list[Any]] | None, float]:
+        """One request for a slot with a lease: (its lease id and limits, 0) when granted,
+        (None, the server's Retry-After) when every slot is taken (423).
+
+        `prefect.concurrency.sync.concurrency(strict=True)` would send it through a
+        per-process service on Prefect's event-loop thread that retries after each
+        Retry-After itself (one beam's sleeps hold up the other beams of its process)
+        and starts the lease's renewal and emits its event before returning: 2-7 s for
+        the first slot of a process on a busy machine (measured). Here the request goes
+        through the beam's own client, and the rest follows once the line is left."""
+        import httpx
+        from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+
+        try:
+            response = client.increment_concurrency_slots_with_lease(
+                names=[self.limit_name], slots=1, mode="concurrency",
+                lease_duration=self.lease_seconds)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:
+                try:
+                    return None, max(0.0, float(exc.response.headers.get("Retry-After", "")))
+                except ValueError:
+                    return None, self.poll_seconds
+            raise
+        granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+        if not granted.limits:
+            raise ConcurrencySlotAcquisitionError(
+                f"the GPU admission limit {self.limit_name!r} does not exist "
+                "(`mqi up`, `mqi run` or the curator makes it)")
+        return (granted.lease_id, list(granted.limits)), 0.0
 
     def locked_indices(self, host: Host, indices: list[int]) -> set[int]:
         """Indices whose lock file on the host is held by a running simulation now."""

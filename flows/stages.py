@@ -178,6 +178,16 @@ def _name_task_run(name: str) -> None:
                      daemon=True, name=f"rename-{name}").start()
 
 
+def admission_order(beam: int) -> str:
+    """Where a beam of this run stands in the line for a GPU: by the case's arrival (its
+    run's scheduled start: a beam that is tried again keeps its place), then the beam's
+    number, so an old case's beams go before a newer case's."""
+    from prefect.runtime import flow_run
+
+    arrival = flow_run.scheduled_start_time
+    return f"{int(arrival.timestamp() * 1e6):017d}-{beam:04d}"
+
+
 def _rename(run_id: UUID) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
@@ -223,8 +233,9 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
         end_earlier_simulation(flow_host(cfg), remote_layout(cfg, case_id, flow_run_id),
                                beam.number, logger)
     waited_from = time.monotonic()
+    order = admission_order(beam.number)
     while True:
-        with pool.admission(logger):
+        with pool.admission(logger, order):
             for attempt in itertools.count():
                 if hosts:
                     where = placement.choose(cfg, hosts, logger, spread=beam.number + attempt,

@@ -1,0 +1,165 @@
+"""The beams of one machine take GPU slots in arrival order and wake when a slot is given
+back (blocks/admission_line.py, GpuPool.admission)."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from blocks.admission_line import AdmissionLine
+
+
+def test_a_ticket_stands_behind_the_older_orders(tmp_path: Path) -> None:
+    line = AdmissionLine(tmp_path / "line")
+    with line.ticket("b") as b, line.ticket("a") as a, line.ticket("c") as c:
+        assert (a.ahead(), b.ahead(), c.ahead()) == (0, 1, 2)
+    assert list((tmp_path / "line").glob("*.ticket")) == []  # each left the line
+
+
+def test_a_dead_waiter_leaves_the_line_by_itself(tmp_path: Path) -> None:
+    folder = tmp_path / "line"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; "
+        "from blocks.admission_line import AdmissionLine\n"
+        f"with AdmissionLine(Path({str(folder)!r})).ticket('a'):\n"
+        "    print('in line', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "in line"
+        with AdmissionLine(folder).ticket("b") as mine:
+            assert mine.ahead() == 1
+            holder.kill()  # no clean-up runs: its ticket file stays, unlocked
+            holder.wait()
+            assert len(list(folder.glob("*.ticket"))) == 2
+            assert mine.ahead() == 0
+            assert [p.name for p in folder.glob("*.ticket")] == [mine.path.name]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_the_bell_wakes_a_waiter_and_only_a_ring_does(tmp_path: Path) -> None:
+    line = AdmissionLine(tmp_path / "line", check_seconds=0.01)
+    before = line.chime()
+    assert line.wait_for_bell(before, 0.05) is False  # nobody rang
+    rang: list[bool] = []
+    waiter = threading.Thread(target=lambda: rang.append(line.wait_for_bell(before, 60)))
+    waiter.start()
+    time.sleep(0.1)
+    assert rang == []
+    line.ring()
+    waiter.join(30)
+    assert rang == [True]
+    after = line.chime()
+    assert after != before
+    line.ring()  # every ring is seen, also two in a row
+    assert line.chime() != after
+
+
+def _limit(slots: int) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    name = f"mqi-test-line-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name,
+                                                                            limit=slots))
+    return name
+
+
+def _pool(name: str, poll_seconds: float):
+    from blocks.gpu_pool import GpuPool
+
+    return GpuPool(query_command="true", apps_command="true", limit_name=name,
+                   lease_seconds=60, poll_seconds=poll_seconds)
+
+
+@pytest.mark.integration
+def test_a_freed_slot_goes_to_the_oldest_waiting_beam_woken_by_the_bell(
+        prefect_api: str) -> None:
+    """A real Prefect limit of one slot; four beams come in out of order and are admitted
+    in their order. They ask again only every 60 s unless the bell rings, so finishing
+    in well under that shows that a given-back slot wakes the next beam."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    from blocks.admission_line import line_folder
+
+    name = _limit(1)
+    pool = _pool(name, poll_seconds=60)
+    log = logging.getLogger("test.admission")
+    admitted: list[str] = []
+    orders = ["30", "10", "40", "20"]
+
+    def beam(order: str) -> None:
+        with pool.admission(log, order):
+            admitted.append(order)
+            time.sleep(0.1)
+
+    folder = line_folder(str(get_current_settings().api.url), name)
+    with pool.admission(log, "00"):  # the one slot is taken
+        threads = []
+        for order in orders:
+            # Prefect's settings (the test server's URL) live in a context variable.
+            threads.append(threading.Thread(target=contextvars.copy_context().run,
+                                            args=(beam, order)))
+            threads[-1].start()
+            time.sleep(0.3)  # they come in this order, not the line's
+        deadline = time.monotonic() + 30
+        while len(list(folder.glob("*.ticket"))) < len(orders):
+            assert time.monotonic() < deadline, "the beams did not stand in line"
+            time.sleep(0.05)
+        assert admitted == []
+    started = time.monotonic()
+    for t in threads:
+        t.join(max(1.0, 40 - (time.monotonic() - started)))
+    assert not any(t.is_alive() for t in threads), (
+        f"admitted only {admitted} within 40 s: the bell did not wake the line")
+    assert admitted == sorted(orders)
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+
+
+@pytest.mark.integration
+def test_free_slots_go_to_several_waiters_at_once_and_a_missing_limit_fails(
+        prefect_api: str) -> None:
+    """Two slots, two beams: both hold one at the same time (the first of the line ask
+    together, not one after the other). A limit that does not exist is an error."""
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+
+    name = _limit(2)
+    pool = _pool(name, poll_seconds=60)
+    log = logging.getLogger("test.admission")
+    both = threading.Barrier(2, timeout=30)
+
+    def beam(order: str) -> None:
+        with pool.admission(log, order):
+            both.wait()  # breaks (an error in the thread) unless both hold a slot
+
+    errors: list[BaseException] = []
+
+    def run(order: str) -> None:
+        try:
+            beam(order)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, o))
+               for o in ("1", "2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+
+    with pytest.raises(ConcurrencySlotAcquisitionError, match="does not exist"):
+        with _pool(f"mqi-test-missing-{uuid.uuid4().hex[:8]}", 1).admission(log, "1"):
+            pass
