@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import os
 import re
 import shutil
@@ -251,6 +252,8 @@ def setup_installation(work: Path, sshd: Any, args: argparse.Namespace) -> Any:
     data["scanner"].update(stability_seconds=1.0)
     if args.max_concurrent is not None:
         data.setdefault("cases", {})["max_concurrent"] = args.max_concurrent
+    if args.database_url:
+        data["prefect"]["database_url"] = args.database_url
     inst.config.write_text(yaml.safe_dump(data, sort_keys=False))
     inst.set_control(duration=args.sim_seconds, batches=args.batches, gpus=args.gpus)
     return inst
@@ -369,9 +372,14 @@ def passed_by_newer(beams: list[Beam]) -> list[int]:
     was already waiting for one (0 everywhere: admission in arrival order)."""
     known = [b for b in beams if b.arrival is not None and b.ready is not None
              and b.acquired is not None]
-    return [sum(1 for o in known if o.arrival > a.arrival  # type: ignore[operator]
-                and a.ready < o.acquired < a.acquired)  # type: ignore[operator]
-            for a in known]
+    counts = [sum(1 for o in known if o.arrival > a.arrival  # type: ignore[operator]
+                  and a.ready < o.acquired < a.acquired)  # type: ignore[operator]
+              for a in known]
+    for n, a in sorted(zip(counts, known, strict=True), key=lambda x: -x[0])[:3]:
+        if n:
+            print(f"  passed {n} times: {a.case} beam {a.beam} (arrived +{a.arrival:.3f}, "
+                  f"ready {a.ready:.3f}, slot {a.acquired:.3f})")
+    return counts
 
 
 def concurrency(spans: Iterable[tuple[float, float]]) -> int:
@@ -448,7 +456,8 @@ def report(out: Measured, args: argparse.Namespace) -> int:
     passed = passed_by_newer(beams)
 
     print(f"\n== {args.cases} cases x {args.beams} beams x {args.sim_seconds:g} s on {g} "
-          f"simulated GPUs (max_concurrent: {args.max_concurrent})"
+          f"simulated GPUs (max_concurrent: {args.max_concurrent}, "
+          f"{'PostgreSQL' if args.database_url else 'SQLite'})"
           + ("  ** TIMED OUT: partial figures **" if out.timed_out else ""))
 
     # -- per beam: where a beam's time goes -------------------------------------------
@@ -633,6 +642,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="give up (print what there is, exit 1) this long after the drop")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--postgres", action="store_true",
+                        help="the embedded server on a fresh PostgreSQL database (the local "
+                             "cluster, or one of its own: tests/support/postgres.py) "
+                             "instead of SQLite")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -643,6 +656,12 @@ def main() -> None:
     sshd: SshServer | None = None
     up = None
     code = 1
+    database = contextlib.ExitStack()
+    args.database_url = None
+    if args.postgres:
+        from tests.support.postgres import postgres_database
+
+        args.database_url = database.enter_context(postgres_database())
     try:
         sshd = SshServer(work / "sshd").start()
         inst = setup_installation(work, sshd, args)
@@ -661,6 +680,7 @@ def main() -> None:
             stop(up, grace=90)
         if sshd is not None:
             sshd.stop()
+        database.close()
         if args.keep:
             print(f"kept {work}")
         else:

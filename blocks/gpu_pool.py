@@ -385,9 +385,11 @@ class GpuPool(Block):
         """Take a slot: its lease id and limits.
 
         A waiter asks while fewer live waiters stand before it than the limit has slots;
-        after a refusal it waits for the bell or ``poll_seconds`` (the server's
-        Retry-After when shorter). A busy API (5xx, a dropped connection) is asked again
-        with backoff; a missing limit fails at once.
+        after a refusal it waits for the bell or ``poll_seconds``. The server's
+        Retry-After is not waited for: a slot given back on this machine rings the bell,
+        and asking every few Retry-After seconds (0.2-1.3 s here) is load on the API
+        that only slots freed elsewhere need. A busy API (5xx, a dropped connection) is
+        asked again with backoff; a missing limit fails at once.
         """
         from prefect.client.orchestration import get_client
 
@@ -400,10 +402,9 @@ class GpuPool(Block):
                 pause = self.poll_seconds
                 try:
                     if first:
-                        granted, retry_after = self._request(client)
+                        granted = self._request(client)
                         if granted is not None:
                             return granted
-                        pause = min(pause, retry_after)
                     elif not line.wait_for_bell(chime, pause):
                         size = self._size(client)  # a larger limit lets more of the line ask
                         continue
@@ -435,9 +436,9 @@ class GpuPool(Block):
                 "(`mqi up`, `mqi run` or the curator makes it)") from exc
         return int(limit.limit) if limit.active else 1 << 30
 
-    def _request(self, client: Any) -> tuple[tuple[UUID, list[Any]] | None, float]:
-        """One request for a slot with a lease: (its lease id and limits, 0) when granted,
-        (None, the server's Retry-After) when every slot is taken (423).
+    def _request(self, client: Any) -> tuple[UUID, list[Any]] | None:
+        """One request for a slot with a lease: its lease id and limits, or None when
+        every slot is taken (423).
 
         `prefect.concurrency.sync.concurrency(strict=True)` would send it through a
         per-process service on Prefect's event-loop thread that retries after each
@@ -454,17 +455,14 @@ class GpuPool(Block):
                 lease_duration=self.lease_seconds)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 423:
-                try:
-                    return None, max(0.0, float(exc.response.headers.get("Retry-After", "")))
-                except ValueError:
-                    return None, self.poll_seconds
+                return None
             raise
         granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
         if not granted.limits:
             raise ConcurrencySlotAcquisitionError(
                 f"the GPU admission limit {self.limit_name!r} does not exist "
                 "(`mqi up`, `mqi run` or the curator makes it)")
-        return (granted.lease_id, list(granted.limits)), 0.0
+        return granted.lease_id, list(granted.limits)
 
     def locked_indices(self, host: Host, indices: list[int]) -> set[int]:
         """Indices whose lock file on the host is held by a running simulation now."""
