@@ -160,6 +160,7 @@ def test_free_slots_go_to_several_waiters_at_once_and_a_missing_limit_fails(
         t.join(60)
     assert errors == []
 
-    with pytest.raises(ConcurrencySlotAcquisitionError, match="does not exist"):
-        with _pool(f"mqi-test-missing-{uuid.uuid4().hex[:8]}", 1).admission(log, "1"):
-            pass
+    missing = _pool(f"mqi-test-missing-{uuid.uuid4().hex[:8]}", 1)
+    with pytest.raises(ConcurrencySlotAcquisitionError, match="does not exist"), \
+            missing.admission(log, "1"):
+        pass
