@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pydantic import ValidationError
 
@@ -28,6 +28,9 @@ from blocks.host import Host
 from config import ENV_VAR, ConfigError, MqiConfig, get_config
 from config.loader import parse_config
 from flows.naming import CONFIG_BLOCK, HOST_BLOCK, POOL_BLOCK, RESULTS_BLOCK, gpu_host_block
+
+if TYPE_CHECKING:
+    from prefect.filesystems import WritableFileSystem
 
 B = TypeVar("B")
 
@@ -95,11 +98,13 @@ def _published_pool(_attempt: str) -> GpuPool | None:
     return _load(GpuPool, POOL_BLOCK)
 
 
-def _published_results(_attempt: str) -> str | None:
+def _published_results(_attempt: str) -> WritableFileSystem | None:
     from prefect.filesystems import LocalFileSystem
 
-    found = _load(LocalFileSystem, RESULTS_BLOCK)
-    return None if found is None else f"local-file-system/{RESULTS_BLOCK}"
+    # The loaded block, not its slug: Prefect loads a slug again for every task run
+    # (an API read and a "block loaded" event each: 15 per case, the most frequent
+    # event of a case after the progress updates).
+    return _load(LocalFileSystem, RESULTS_BLOCK)
 
 
 _config_once = _once_per_attempt(_published_config)
@@ -157,9 +162,10 @@ def flow_pool(cfg: MqiConfig) -> GpuPool:
     return cast(GpuPool, pool) if pool is not None else gpu_pool(cfg)
 
 
-def result_storage(cfg: MqiConfig) -> str | None:
-    """The slug of the block that keeps stage results; None: Prefect's local storage,
-    which `mqi` points at the same folder (deployments/server.py ``client_env``)."""
+def result_storage(cfg: MqiConfig) -> str | WritableFileSystem | None:
+    """Where stage results are kept: the configured block's slug, else the published
+    results block (loaded once per flow run); None: Prefect's local storage, which
+    `mqi` points at the same folder (deployments/server.py ``client_env``)."""
     if cfg.prefect.result_storage_block:
         return cfg.prefect.result_storage_block
-    return cast(str | None, _results_once(current_attempt()))
+    return cast("WritableFileSystem | None", _results_once(current_attempt()))
