@@ -51,6 +51,10 @@ LOCK_BUSY_EXIT = 75
 """Exit status of ``flock -n`` (via -E) when another process holds the GPU's lock file."""
 
 
+ASK_STAGGER_SECONDS = 0.05
+"""Of the first beams of the admission line woken at once, each asks this much later
+than the one before it (blocks/admission_line.py)."""
+
 ADMISSION_RETRIES = 5
 """How often a failed request for a GPU slot is sent again when the API was only busy."""
 
@@ -398,10 +402,15 @@ class GpuPool(Block):
             size = self._size(client)
             while True:
                 chime = line.chime()  # before asking: a slot freed meanwhile is not missed
-                first = ticket.ahead() < size
+                ahead = ticket.ahead()
+                first = ahead < size
                 pause = self.poll_seconds
                 try:
                     if first:
+                        # Woken together, the first of the line ask one after the other
+                        # by their place: the server takes the oldest's request first and
+                        # one freed slot goes to it, not to whichever request came first.
+                        time.sleep(ahead * ASK_STAGGER_SECONDS)
                         granted = self._request(client)
                         if granted is not None:
                             return granted
