@@ -321,9 +321,8 @@ class GpuPool(Block):
         Blocks while every GPU is in use, standing in this machine's line of waiting
         beams (blocks/admission_line.py) by ``order`` (the case's arrival, then the
         beam's): the first of the line ask for a slot when a slot is given back on this
-        machine (the line's bell) and every ``poll_seconds`` (or the server's
-        Retry-After, if shorter) otherwise. A watcher says so in the task's log after a
-        couple of seconds and every 30 s after that.
+        machine (the line's bell) and every ``poll_seconds`` otherwise. A watcher says
+        so in the task's log after a couple of seconds and every 30 s after that.
         """
         from prefect.concurrency._events import (
             emit_concurrency_acquisition_events,
@@ -398,15 +397,16 @@ class GpuPool(Block):
         from prefect.client.orchestration import get_client
 
         failures = 0
+        size: int | None = None  # how many of the line may ask; read from the limit
         with get_client(sync_client=True) as client:
-            size = self._size(client)
             while True:
                 chime = line.chime()  # before asking: a slot freed meanwhile is not missed
-                ahead = ticket.ahead()
-                first = ahead < size
                 pause = self.poll_seconds
                 try:
-                    if first:
+                    if size is None:
+                        size = self._size(client)
+                    ahead = ticket.ahead()
+                    if ahead < size:
                         # Woken together, the first of the line ask one after the other
                         # by their place: the server takes the oldest's request first and
                         # one freed slot goes to it, not to whichever request came first.
@@ -414,10 +414,10 @@ class GpuPool(Block):
                         granted = self._request(client)
                         if granted is not None:
                             return granted
-                    elif not line.wait_for_bell(chime, pause):
-                        size = self._size(client)  # a larger limit lets more of the line ask
+                    elif line.wait_for_bell(chime, pause):
                         continue
                     else:
+                        size = None  # read the limit again: a larger one lets more ask
                         continue
                 except ConcurrencySlotAcquisitionError:
                     raise
