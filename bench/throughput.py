@@ -367,19 +367,14 @@ def beams_of(out: Measured) -> list[Beam]:
     return list(beams.values())
 
 
-def passed_by_newer(beams: list[Beam]) -> list[int]:
+def passed_by_newer(beams: list[Beam]) -> list[tuple[int, Beam]]:
     """For each beam, how many beams of cases that arrived later took a GPU slot while it
     was already waiting for one (0 everywhere: admission in arrival order)."""
     known = [b for b in beams if b.arrival is not None and b.ready is not None
              and b.acquired is not None]
-    counts = [sum(1 for o in known if o.arrival > a.arrival  # type: ignore[operator]
-                  and a.ready < o.acquired < a.acquired)  # type: ignore[operator]
-              for a in known]
-    for n, a in sorted(zip(counts, known, strict=True), key=lambda x: -x[0])[:3]:
-        if n:
-            print(f"  passed {n} times: {a.case} beam {a.beam} (arrived +{a.arrival:.3f}, "
-                  f"ready {a.ready:.3f}, slot {a.acquired:.3f})")
-    return counts
+    return [(sum(1 for o in known if o.arrival > a.arrival  # type: ignore[operator]
+                 and a.ready < o.acquired < a.acquired), a)  # type: ignore[operator]
+            for a in known]
 
 
 def concurrency(spans: Iterable[tuple[float, float]]) -> int:
@@ -453,7 +448,8 @@ def report(out: Measured, args: argparse.Namespace) -> int:
                  for e in [ts(r.get("end_time"))]]
     sampled = [s.running for s in out.samples if s.running is not None]
     beams = beams_of(out)
-    passed = passed_by_newer(beams)
+    passed_beams = passed_by_newer(beams)
+    passed = [n for n, _ in passed_beams]
 
     print(f"\n== {args.cases} cases x {args.beams} beams x {args.sim_seconds:g} s on {g} "
           f"simulated GPUs (max_concurrent: {args.max_concurrent}, "
@@ -608,6 +604,10 @@ def report(out: Measured, args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
+    for n, b in sorted(passed_beams, key=lambda x: -x[0])[:3]:
+        if n:
+            print(f"  passed {n} times: {b.case} beam {b.beam} (arrived {b.arrival:.3f}, "
+                  f"ready {b.ready:.3f}, slot {b.acquired:.3f})")
     if out.cpu:
         # Where the machine's CPU went from the drop to the last run's end: on a
         # small machine the cases' own overhead, not the GPUs, can set the pace.

@@ -101,9 +101,7 @@ class AdmissionLine:
         bell = self.folder / BELL
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            bell.touch(mode=0o600)
-            now = time.time_ns()
-            os.utime(bell, ns=(now, now))
+            bell.touch(mode=0o600)  # an existing file's mtime becomes now (ns)
         except OSError:
             pass  # a bell that cannot ring costs the waiters a few seconds, nothing more
 

@@ -401,7 +401,6 @@ class GpuPool(Block):
         with get_client(sync_client=True) as client:
             while True:
                 chime = line.chime()  # before asking: a slot freed meanwhile is not missed
-                pause = self.poll_seconds
                 try:
                     if size is None:
                         size = self._size(client)
@@ -414,11 +413,9 @@ class GpuPool(Block):
                         granted = self._request(client)
                         if granted is not None:
                             return granted
-                    elif line.wait_for_bell(chime, pause):
-                        continue
-                    else:
+                        line.wait_for_bell(chime, self.poll_seconds)
+                    elif not line.wait_for_bell(chime, self.poll_seconds):
                         size = None  # read the limit again: a larger one lets more ask
-                        continue
                 except ConcurrencySlotAcquisitionError:
                     raise
                 except Exception as exc:
@@ -429,8 +426,6 @@ class GpuPool(Block):
                                 exc.__cause__ or exc)
                     time.sleep(min(0.5 * 2 ** failures, 5.0))
                     failures += 1
-                    continue
-                line.wait_for_bell(chime, pause)
 
     def _size(self, client: Any) -> int:
         """How many waiters of the line may ask: the limit's slots (every waiter when the
