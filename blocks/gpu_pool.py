@@ -487,11 +487,17 @@ class GpuPool(Block):
         if self.source == "nvml":
             gpus, apps = read_nvml()
             return gpus, apps, self.locked_indices(host, [g.index for g in gpus])
+        # The locks are read before and after the GPUs: a simulation that starts or ends
+        # between the two reads shows as a compute process while its lock looked free,
+        # and the GPU would pass for one a foreign process holds (and leave the
+        # admission limit until the next look). Held at either read counts as held.
         locks = shlex.quote(self.lock_dir)
-        script = (f"q=$({self.query_command}) || exit $?; a=$({self.apps_command}) || exit $?; "
-                  f"printf '%s\\n{_APPS}\\n%s\\n{_LOCKS}\\n' \"$q\" \"$a\"; "
-                  f"for f in {locks}/gpu-*.lock; do "
-                  f'[ -e "$f" ] && ! flock -n "$f" true && echo "${{f##*/}}"; done; true')
+        script = (f"held() {{ for f in {locks}/gpu-*.lock; do "
+                  f'[ -e "$f" ] && ! flock -n "$f" true && echo "${{f##*/}}"; done; }}; '
+                  f"l=$(held); q=$({self.query_command}) || exit $?; "
+                  f"a=$({self.apps_command}) || exit $?; "
+                  f"printf '%s\\n{_APPS}\\n%s\\n{_LOCKS}\\n%s\\n' \"$q\" \"$a\" \"$l\"; "
+                  f"held; true")
         out = host.run(script, stream=False, timeout=self.query_timeout_seconds).stdout
         query, _, rest = out.partition(f"{_APPS}\n")
         apps_text, _, locked_text = rest.partition(f"{_LOCKS}\n")

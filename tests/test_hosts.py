@@ -120,7 +120,13 @@ def test_kill_by_pid_file_from_another_block(host, tmp_path):
     thread = threading.Thread(target=target)
     thread.start()
     deadline = time.monotonic() + 10
-    while not pgrep(f"sleep 6{tag}") and time.monotonic() < deadline:
+
+    def started() -> bool:
+        # The SSH session's shell names the command before the wrapper writes the pid file.
+        return bool(pgrep(f"sleep 6{tag}")) and os.path.exists(pid_file) \
+            and os.path.getsize(pid_file) > 0
+
+    while not started() and time.monotonic() < deadline:
         time.sleep(0.05)
     other = host.model_copy()  # a fresh instance, as an on_cancellation hook would build
     assert other.kill_pid_file(pid_file) is True
