@@ -118,6 +118,7 @@ class Measured:
     timed_out: bool = False
     finished_seen: float | None = None
     cpu: dict[str, float] = field(default_factory=dict)  # part -> CPU s during the run
+    sim_cpu: dict[str, float] = field(default_factory=dict)  # simulator -> its own CPU s
 
 
 def ts(value: str | None) -> float | None:
@@ -337,6 +338,13 @@ def collect(inst: Any, api: Api, names: list[str], out: Measured) -> None:
         print(f"  (could not read the concurrency-limit events: {exc})", flush=True)
     out.sims = dict(inst.sim_intervals())
     out.collisions = sum(1 for e in inst.events("tps_env") if e["event"] == "collision")
+    # Each simulator's own CPU: the largest `cpu` any of its records gives, per process.
+    latest: dict[tuple[str, int], float] = {}
+    for e in inst.events():
+        key = (e["tool"], e["pid"])
+        latest[key] = max(latest.get(key, 0.0), float(e.get("cpu", 0.0)))
+    for (tool, _), secs in latest.items():
+        out.sim_cpu[tool] = out.sim_cpu.get(tool, 0.0) + secs
 
 
 def beams_of(out: Measured) -> list[Beam]:
@@ -619,6 +627,15 @@ def report(out: Measured, args: argparse.Namespace) -> int:
         for part, secs in sorted(out.cpu.items(), key=lambda kv: -kv[1]):
             print(f"  {part:<{width}}  {secs:7.1f} s  ({secs / max(total, 1e-9):5.1%}, "
                   f"{secs / max(args.cases, 1):.2f} s per case)")
+            if part.startswith("sshd") and out.sim_cpu:
+                # The GPU host's share split: the simulated tools (not ours: the clinic's
+                # tools run there) and the rest (sshd, the account's shell per session).
+                for tool, own in sorted(out.sim_cpu.items(), key=lambda kv: -kv[1]):
+                    print(f"    {tool:<{width - 2}}  {own:7.1f} s  "
+                          f"({own / max(args.cases, 1):.2f} s per case)")
+                rest = secs - sum(out.sim_cpu.values())
+                print(f"    {'the rest: sshd, shells, nvidia-smi':<{width - 2}}  {rest:7.1f} s  "
+                      f"({rest / max(args.cases, 1):.2f} s per case)")
     sys.stdout.flush()
     if out.timed_out:
         return 1

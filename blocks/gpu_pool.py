@@ -38,6 +38,7 @@ from pydantic import Field, HttpUrl
 
 from blocks.errors import HostError
 from blocks.host import Host
+from blocks.manifest import part_name
 
 if TYPE_CHECKING:
     from blocks.admission_line import AdmissionLine, Ticket
@@ -49,6 +50,10 @@ _APPS, _LOCKS = "---mqi-compute-apps---", "---mqi-held-locks---"
 
 LOCK_BUSY_EXIT = 75
 """Exit status of ``flock -n`` (via -E) when another process holds the GPU's lock file."""
+
+_WRITE_INPUT = ('mkdir -p -- "${1%/*}" && cat > "$2" && mv -f -- "$2" "$1" && '
+                'exec sh -c "$3" </dev/null')
+"""Under the lock (``locked_command``): stdin into file $1 by way of $2, then command $3."""
 
 
 ASK_STAGGER_SECONDS = 0.05
@@ -564,14 +569,26 @@ class GpuPool(Block):
                     host=host.address, gpu=index)
         return True
 
-    def locked_command(self, index: int, command: str) -> str:
+    def locked_command(self, index: int, command: str, input_file: str | None = None) -> str:
         """``command`` wrapped so it runs only while holding GPU ``index``'s lock file on the
-        host; exits LOCK_BUSY_EXIT at once if another process holds it."""
+        host; exits LOCK_BUSY_EXIT at once if another process holds it.
+
+        With ``input_file`` (an absolute path), the command's standard input (``run``'s
+        ``stdin``) is first written there, parents created and atomically by way of a
+        temporary name, once the lock is held; ``command`` then runs with an empty input.
+        The simulation's input thus travels with the command that starts it (no round
+        trip of its own between a GPU being ours and the simulation starting), and a
+        beam that lost the race for the index writes nothing.
+        """
         lock_dir = shlex.quote(self.lock_dir)
         lock = shlex.quote(f"{self.lock_dir}/gpu-{int(index)}.lock")
-        return (f"mkdir -p {lock_dir} && exec flock -n -E {LOCK_BUSY_EXIT} {lock} "
-                f"sh -c {shlex.quote(command)}")
-
+        locked = f"mkdir -p {lock_dir} && exec flock -n -E {LOCK_BUSY_EXIT} {lock} sh -c "
+        if input_file is None:
+            return locked + shlex.quote(command)
+        if not input_file.startswith("/") or input_file.endswith("/"):
+            raise ValueError(f"input file {input_file!r}: an absolute path to a file is needed")
+        return (locked + f"{shlex.quote(_WRITE_INPUT)} mqi-input {shlex.quote(input_file)} "
+                f"{shlex.quote(part_name(input_file))} {shlex.quote(command)}")
 
 
 def gpu_warning(logger: logging.Logger | logging.LoggerAdapter, event: str, message: str,

@@ -26,6 +26,12 @@ class RunOptions(TypedDict, total=False):
     on_line: LineCallback | None
     stream: bool
     pid_file: str | None
+    stdin: bytes | None
+
+
+MAX_STDIN = 64 * 1024
+"""The most ``RunSpec.stdin`` may hold: what a pipe takes without a reader (Linux), so
+sending it never waits for a command that reads nothing."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,9 @@ class RunSpec:
         stream: False to collect output without calling any line callback.
         pid_file: Path on the host where the process-group id is written, so the
             group can be killed later by ``kill_pid_file`` from another process.
+        stdin: A small input (at most ``MAX_STDIN`` bytes: it is sent before any output
+            is read) for the command's standard input, which is then closed; None: an
+            empty input.
     """
 
     command: str
@@ -52,6 +61,12 @@ class RunSpec:
     on_line: LineCallback | None = None
     stream: bool = True
     pid_file: str | None = None
+    stdin: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.stdin is not None and len(self.stdin) > MAX_STDIN:
+            raise ValueError(f"stdin of {len(self.stdin)} bytes for {self.command!r}: at "
+                             f"most {MAX_STDIN} bytes may be sent this way")
 
     def line_callback(self, prefix: str) -> LineCallback | None:
         """Where complete lines go: ``on_line``, else the run log under ``prefix``;
@@ -88,10 +103,6 @@ class Host(Protocol):
 
     def kill_pid_file(self, pid_file: str) -> bool:
         """Kill the process group whose id ``run(pid_file=...)`` wrote; True if one was found."""
-        ...
-
-    def write_file(self, remote_path: str, data: bytes) -> None:
-        """Write one small file on the host (parents created), atomically."""
         ...
 
     def upload(self, local_dir: str | os.PathLike[str], remote_dir: str) -> TransferResult:

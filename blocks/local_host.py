@@ -26,7 +26,7 @@ from pydantic import Field, HttpUrl
 
 from blocks.errors import CommandError, CommandTimeoutError, TransferError
 from blocks.host import RunOptions, RunSpec
-from blocks.manifest import CHUNK, part_name, walk_local
+from blocks.manifest import CHUNK, walk_local
 from blocks.placing import place_files
 from blocks.results import CommandResult, TransferResult
 from blocks.streaming import OutputCollector
@@ -89,9 +89,15 @@ class LocalHost(Block):
         started = time.monotonic()
         proc = subprocess.Popen(
             [self.shell, "-c", command], cwd=spec.cwd or self.working_dir, env=full_env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True,
+            stdin=subprocess.DEVNULL if spec.stdin is None else subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
+        if proc.stdin is not None:
+            # Small by contract (RunSpec.stdin): fits the pipe, so this cannot block on
+            # a command that is not reading yet.
+            with contextlib.suppress(BrokenPipeError):  # it exited without reading
+                proc.stdin.write(spec.stdin or b"")
+            proc.stdin.close()
         if spec.pid_file:
             with open(spec.pid_file, "w", encoding="ascii") as fh:
                 fh.write(f"{proc.pid}\n")
@@ -154,18 +160,6 @@ class LocalHost(Block):
             return False
         self.kill_process_group(int(text))
         return True
-
-    def write_file(self, remote_path: str, data: bytes) -> None:
-        """Write one small file (parents created), atomically via a temp name."""
-        target = remote_path
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        part = os.path.join(os.path.dirname(target), part_name(os.path.basename(target)))
-        try:
-            with open(part, "wb") as fh:
-                fh.write(data)
-            os.replace(part, target)
-        except OSError as exc:
-            raise TransferError(f"cannot write {remote_path}: {exc}") from exc
 
     def upload(self, local_dir: str | os.PathLike[str], remote_dir: str) -> TransferResult:
         """Copy a tree into ``remote_dir`` on this machine (same semantics as RemoteHost)."""

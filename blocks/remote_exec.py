@@ -85,6 +85,8 @@ def run(host: SshSettings, spec: RunSpec, *, kill_grace: float) -> CommandResult
     err = _MarkerStrippingCollector(OutputCollector("stderr", callback))
     try:
         channel.exec_command(wrapped)
+        if spec.stdin:
+            channel.sendall(spec.stdin)
         channel.shutdown_write()
         deadline = started + spec.timeout if spec.timeout else None
         exit_code = _pump(channel, out, err, deadline)

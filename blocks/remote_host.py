@@ -153,11 +153,3 @@ class RemoteHost(Block):
                 mid-way, or a local write failed.
         """
         return sftp_sync.download(self, remote_dir, local_dir)
-
-    def write_file(self, remote_path: str, data: bytes) -> None:
-        """Write one small file on the host (parents created), atomically via a temp name.
-
-        Raises:
-            TransferError: The host refused the write.
-        """
-        sftp_sync.write_file(self, remote_path, data)

@@ -250,22 +250,6 @@ def download(host: SshSettings, remote_dir: str,
     return result
 
 
-def write_file(host: SshSettings, remote_path: str, data: bytes) -> None:
-    """Write one small file on the host (parents created), atomically via a temp name."""
-    directory, _, name = remote_path.rpartition("/")
-    sftp = open_sftp(host)
-    try:
-        remote_mkdirs(sftp, directory or ".", [])
-        part = f"{directory}/{part_name(name)}" if directory else part_name(name)
-        with sftp.open(part, "wb") as fh:
-            fh.write(data)
-        sftp.posix_rename(part, remote_path)
-    except OSError as exc:
-        raise TransferError(f"cannot write {host.address}:{remote_path}: {exc}") from exc
-    finally:
-        sftp.close()
-
-
 def _remote_space(host: SshSettings, remote_dir: str, local: dict[str, FileEntry],
                   to_send: list[str]) -> str:
     """"; the host's disk is full ..." when the failed upload did not fit, else "".

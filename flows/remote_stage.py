@@ -27,7 +27,7 @@ Verdict = Callable[[CommandResult], str | None]
 
 def run_remote(host: Host, cfg: MqiConfig, layout: RemoteLayout, step: str, command: str, *,
                beam: int | None = None, env: dict[str, str] | None = None,
-               on_line: LineCallback | None = None,
+               stdin: bytes | None = None, on_line: LineCallback | None = None,
                verdict: Verdict | None = None) -> CommandResult:
     """Run one stage's command with its log streamed and kept, and judge the outcome.
 
@@ -51,7 +51,8 @@ def run_remote(host: Host, cfg: MqiConfig, layout: RemoteLayout, step: str, comm
     logger.info("%s: running on %s: %s", label, host.address, command)
     try:
         result = host.run(command, timeout=cfg.policy(step).timeout_seconds, env=env,
-                          check=False, on_line=line, pid_file=layout.pid_file(step, beam))
+                          stdin=stdin, check=False, on_line=line,
+                          pid_file=layout.pid_file(step, beam))
     except CommandTimeoutError as exc:  # the process group was already killed
         raise StageFailed(step, f"timed out after {exc.timeout:g} s; its process group on "
                                 f"{exc.result.host} was killed", beam=beam,

@@ -257,11 +257,12 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
                 sim = render_simulation(cfg, layout, beam, 0 if visible else index)
                 progress = BeamProgress(case_id, beam.number, index, cfg.simulated)
                 try:
-                    host.write_file(sim.input_file, sim.input_text.encode())
                     result = run_remote(
-                        host, cfg, layout, GPU_STEP, gpus.locked_command(index, sim.command),
+                        host, cfg, layout, GPU_STEP,
+                        gpus.locked_command(index, sim.command, input_file=sim.input_file),
                         beam=beam.number, env={"CUDA_VISIBLE_DEVICES": str(index)} if visible
-                        else None, on_line=progress.line, verdict=moqui_verdict(cfg))
+                        else None, stdin=sim.input_text.encode(), on_line=progress.line,
+                        verdict=moqui_verdict(cfg))
                 except Exception as exc:
                     failed = isinstance(exc, StageFailed)  # the command's own end, not ours
                     if isinstance(exc, StageFailed) and exc.exit_code == LOCK_BUSY_EXIT:

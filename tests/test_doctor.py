@@ -7,6 +7,7 @@ and that what depends on it is skipped rather than waited for.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def test_a_good_installation_passes_every_check(inst, sshd, embedded_server, cap
     assert line(lines, "✓ host key of 127.0.0.1") == (
         f"✓ host key of 127.0.0.1:{sshd.port}: {sshd.host_fingerprint()}, in {sshd.known_hosts}")
     assert line(lines, f"✓ SSH login to {address}")
+    assert re.fullmatch(rf"✓ command round trip on {re.escape(address)}: \d+ ms per command"
+                        rf"( — slow: .*)?", line(lines, "✓ command round trip on"))
     for tool in ("python", "interpreter", "moqui", "raw2dicom"):
         assert line(lines, f"✓ tool {tool} on {address}")
     assert "-m demo.simulators.tps_env" in line(lines, "✓ tool moqui")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import subprocess
 import threading
 import time
@@ -145,6 +146,49 @@ def test_env_and_cwd_are_passed_literally(host, tmp_path):
     assert result.stdout == f"{value}|{odd}\n"
     with pytest.raises(ValueError):
         host.run("true", env={"BAD NAME": "x"})
+
+
+
+def test_stdin_reaches_the_command_and_is_closed(host):
+    data = "line one\n'quoted' $(id) `id`\n\x00binary\xff".encode("latin-1")
+    result = host.run("od -An -tx1 -v | tr -d ' \\n'", stdin=data, stream=False)
+    assert result.stdout == data.hex()
+    # No input: the command reads an empty stdin and ends (nothing waits for EOF).
+    assert host.run("wc -c", timeout=20, stream=False).stdout.strip() == "0"
+    with pytest.raises(ValueError, match="at most"):
+        host.run("cat", stdin=b"x" * (64 * 1024 + 1))
+
+
+def test_a_locked_command_writes_its_input_only_once_the_gpu_lock_is_held(host, tmp_path):
+    from blocks.gpu_pool import LOCK_BUSY_EXIT, GpuPool
+
+    pool = GpuPool(query_command="true", apps_command="true", lock_dir=str(tmp_path / "locks"))
+    target = tmp_path / "run dir" / "moqui" / "beam_1.in"
+    text = b"GPUID 0\nParentDir /x y/$(id)\n"
+    command = pool.locked_command(0, f"cat {shlex.quote(str(target))} && echo ran",
+                                  input_file=str(target))
+    result = host.run(command, stdin=text, stream=False, timeout=20)
+    assert result.exit_code == 0
+    assert result.stdout == text.decode() + "ran\n"  # written before the command ran
+    assert target.read_bytes() == text
+    assert [p.name for p in target.parent.iterdir()] == ["beam_1.in"]  # no part left
+
+    # The index is taken: nothing runs and nothing is written.
+    target.unlink()
+    holder = subprocess.Popen(["flock", str(tmp_path / "locks" / "gpu-0.lock"), "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and subprocess.run(
+                ["flock", "-n", str(tmp_path / "locks" / "gpu-0.lock"), "true"]).returncode == 0:
+            time.sleep(0.05)
+        busy = host.run(command, stdin=text, check=False, stream=False, timeout=20)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.exit_code == LOCK_BUSY_EXIT
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    with pytest.raises(ValueError, match="absolute"):
+        pool.locked_command(0, "true", input_file="beam_1.in")
 
 
 # ----------------------------------------------------------------- transfers

@@ -56,8 +56,11 @@ def record(control: dict[str, Any], tool: str, event: str, **fields: Any) -> Non
     """Append one event to the record file (O_APPEND lines: safe across processes)."""
     if not control.get("record"):
         return
+    # cpu: this process's own CPU seconds so far (a benchmark tells the simulators' CPU
+    # from the rest of the GPU host's: sshd, the shells).
+    times = os.times()
     line = json.dumps({"tool": tool, "event": event, "pid": os.getpid(), "t": time.time(),
-                       **fields}) + "\n"
+                       "cpu": round(times.user + times.system, 3), **fields}) + "\n"
     fd = os.open(control["record"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())

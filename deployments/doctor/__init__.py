@@ -36,6 +36,7 @@ from deployments.doctor.remote import (
     check_gpus,
     check_login,
     check_remote_root,
+    check_round_trip,
     check_tool,
     command_seconds,
     doctor_host,
@@ -84,7 +85,9 @@ def gpu_host_checks(cfg: MqiConfig, login_needs: list[str]) -> Iterator[Check]:
             host = doctor_host(cfg)
             check = check_login(host, timeout)
             yield check
-            if not check.passed:
+            if check.passed:
+                yield check_round_trip(host, timeout)
+            else:
                 host.close()
                 host = None
     else:

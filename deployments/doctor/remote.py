@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import statistics
+import time
 
 from blocks import factory
 from blocks.errors import HostAuthenticationError, HostError
@@ -41,6 +43,27 @@ def check_login(host: Host, timeout: float) -> Check:
                               f"accepts sessions") from None
 
     return attempt(f"SSH login to {host.address}", body)
+
+
+SLOW_ROUND_TRIP_SECONDS = 0.5
+
+
+def check_round_trip(host: Host, timeout: float) -> Check:
+    """How long one command takes on the live connection: every stage, transfer and GPU
+    look pays it, mostly the account's shell starting (its ~/.bashrc). Informs, with
+    the median of three; never fails."""
+    def body() -> str:
+        times = []
+        for _ in range(3):
+            started = time.monotonic()
+            _shell(host, "true", timeout)
+            times.append(time.monotonic() - started)
+        median = statistics.median(times)
+        slow = (" — slow: every stage and transfer pays it; see docs/troubleshooting.md, "
+                "'Every stage starts late'") if median >= SLOW_ROUND_TRIP_SECONDS else ""
+        return f"{median * 1000:.0f} ms per command{slow}"
+
+    return attempt(f"command round trip on {host.address}", body)
 
 
 def _shell(host: Host, script: str, timeout: float) -> tuple[int | None, str]:
