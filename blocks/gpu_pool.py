@@ -392,35 +392,37 @@ class GpuPool(Block):
                    ) -> tuple[UUID, list[Any]]:
         """Take a slot: its lease id and limits.
 
-        A waiter asks while fewer live waiters stand before it than the limit has slots;
-        after a refusal it waits for the bell or ``poll_seconds``. The server's
-        Retry-After is not waited for: a slot given back on this machine rings the bell,
-        and asking every few Retry-After seconds (0.2-1.3 s here) is load on the API
-        that only slots freed elsewhere need. A busy API (5xx, a dropped connection) is
-        asked again with backoff; a missing limit fails at once.
+        A waiter asks only while fewer live waiters stand before it than the limit has
+        free slots, which it reads first (a read, which on SQLite waits for no writer):
+        a freed slot is asked for by the oldest waiter alone, and a newer beam's request
+        that the database happens to take first cannot pass it. After a refusal it waits
+        for the bell or ``poll_seconds``. The server's Retry-After is not waited for: a
+        slot given back on this machine rings the bell, and asking every few Retry-After
+        seconds (0.2-1.3 s here) is load on the API that only slots freed elsewhere
+        need. A busy API (5xx, a dropped connection) is asked again with backoff; a
+        missing limit fails at once.
         """
         from prefect.client.orchestration import get_client
 
         failures = 0
-        size: int | None = None  # how many of the line may ask; read from the limit
+        size: int | None = None  # the limit's slots: at most that many of the line look
         with get_client(sync_client=True) as client:
             while True:
                 chime = line.chime()  # before asking: a slot freed meanwhile is not missed
                 try:
-                    if size is None:
-                        size = self._size(client)
                     ahead = ticket.ahead()
-                    if ahead < size:
-                        # Woken together, the first of the line ask one after the other
-                        # by their place: the server takes the oldest's request first and
-                        # one freed slot goes to it, not to whichever request came first.
-                        time.sleep(ahead * ASK_STAGGER_SECONDS)
-                        granted = self._request(client)
-                        if granted is not None:
-                            return granted
+                    if size is None or ahead < size:
+                        size, free = self._slots(client)
+                        if ahead < free:
+                            # Several free (woken together): they ask one after the other
+                            # by their place, so the server sees the oldest's request first.
+                            time.sleep(ahead * ASK_STAGGER_SECONDS)
+                            granted = self._request(client)
+                            if granted is not None:
+                                return granted
                         line.wait_for_bell(chime, self.poll_seconds)
                     elif not line.wait_for_bell(chime, self.poll_seconds):
-                        size = None  # read the limit again: a larger one lets more ask
+                        size = None  # read the limit again: a larger one lets more look
                 except ConcurrencySlotAcquisitionError:
                     raise
                 except Exception as exc:
@@ -432,9 +434,9 @@ class GpuPool(Block):
                     time.sleep(min(0.5 * 2 ** failures, 5.0))
                     failures += 1
 
-    def _size(self, client: Any) -> int:
-        """How many waiters of the line may ask: the limit's slots (every waiter when the
-        limit is switched off, Prefect then admits all)."""
+    def _slots(self, client: Any) -> tuple[int, int]:
+        """The limit's slots and how many are free now (every waiter may ask when the
+        limit is switched off: Prefect then admits all)."""
         from prefect.exceptions import ObjectNotFound
 
         try:
@@ -443,7 +445,9 @@ class GpuPool(Block):
             raise ConcurrencySlotAcquisitionError(
                 f"the GPU admission limit {self.limit_name!r} does not exist "
                 "(`mqi up`, `mqi run` or the curator makes it)") from exc
-        return int(limit.limit) if limit.active else 1 << 30
+        if not limit.active:
+            return 1 << 30, 1 << 30
+        return int(limit.limit), max(0, int(limit.limit) - int(limit.active_slots))
 
     def _request(self, client: Any) -> tuple[UUID, list[Any]] | None:
         """One request for a slot with a lease: its lease id and limits, or None when

@@ -129,6 +129,46 @@ def test_a_freed_slot_goes_to_the_oldest_waiting_beam_woken_by_the_bell(
 
 
 @pytest.mark.integration
+def test_only_as_many_waiters_as_slots_are_free_ask_for_one(
+        prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the one slot is held, three waiters looking every 0.1 s send no slot request
+    (they read the limit): a request the database takes first cannot pass the oldest.
+    Once it is free, the oldest alone asks and takes it."""
+    from blocks.gpu_pool import GpuPool
+
+    name = _limit(1)
+    pool = _pool(name, poll_seconds=0.1)
+    log = logging.getLogger("test.admission")
+    asked: list[str] = []
+    admitted: list[str] = []
+    request = GpuPool._request
+
+    def counted(self: GpuPool, client: object) -> object:
+        asked.append(threading.current_thread().name)
+        return request(self, client)
+
+    monkeypatch.setattr(GpuPool, "_request", counted)
+
+    def beam(order: str) -> None:
+        with pool.admission(log, order):
+            admitted.append(order)
+
+    with pool.admission(log, "0"):
+        asked.clear()
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(beam, o),
+                                    name=f"beam-{o}") for o in ("3", "1", "2")]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)  # about twenty looks each
+        assert asked == [] and admitted == []
+    for t in threads:
+        t.join(30)
+    assert admitted == ["1", "2", "3"]
+    # Each asked once, when its turn came (none was refused for a slot another took).
+    assert sorted(asked) == ["beam-1", "beam-2", "beam-3"]
+
+
+@pytest.mark.integration
 def test_free_slots_go_to_several_waiters_at_once_and_a_missing_limit_fails(
         prefect_api: str) -> None:
     """Two slots, two beams: both hold one at the same time (the first of the line ask
