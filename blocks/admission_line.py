@@ -18,10 +18,19 @@ slot was given back:
 - Only the first waiters of the line ask the API (as many as the limit has slots: a
   newer beam never passes one that stands further ahead than that), so a freed slot
   goes to one of the oldest, and the API sees a bounded number of requests.
-- Whoever gives a slot back rings the bell (a file's modification time); waiters
-  look at it every ``check_seconds`` (a ``stat``, no request) and ask at once when it
-  rang. A slot freed another way (a lease that expired, another machine's beam, a
-  larger limit) is found by asking again every few seconds.
+- A beam done with its slot passes it to the first waiter of the line: the slot's
+  lease (its token) goes into a baton file next to that waiter's ticket, and the
+  waiter carries on with the lease. The slot never returns to the API between the
+  two, so it takes no request (on a busy SQLite server a request can wait seconds)
+  and nobody else can take it. Both sides take the baton by renaming it, so exactly
+  one of them has it: a waiter that leaves the line takes its baton on the way out
+  (and gives that slot back), and a passer that finds the waiter gone takes the
+  baton back.
+- With nobody waiting the slot goes back to the API, and its giver rings the bell
+  (a file's modification time); waiters look at it every ``check_seconds`` (a
+  ``stat``, no request) and ask at once when it rang. A slot freed another way (a
+  lease that expired, another machine's beam, a larger limit) is found by looking
+  again every few seconds.
 
 The line is per machine (a folder under the temporary directory, one per API and
 limit): workers on several machines each keep their own, and between machines the
@@ -42,6 +51,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 SUFFIX = ".ticket"
+BATON = ".baton"
 BELL = "bell"
 
 
@@ -71,11 +81,15 @@ class AdmissionLine:
             os.write(fd, f"{os.getpid()}\n".encode())
             path = self.folder / name
             os.rename(hidden, path)
+            ticket = Ticket(self, path)
             try:
-                yield Ticket(self, path)
+                yield ticket
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+                # Out of the line now, so no passer will hand it a baton after this:
+                # one handed meanwhile is this waiter's to give back.
+                ticket.left_with = ticket.take_baton()
         finally:
             with contextlib.suppress(FileNotFoundError):
                 hidden.unlink()
@@ -96,6 +110,39 @@ class AdmissionLine:
                 ahead += 1
         return ahead
 
+    def pass_slot(self, token: str) -> bool:
+        """Hand a held slot (``token``: what the taker needs to hold it) to the first
+        live waiter; False when there is none (the slot is then the caller's to give
+        back to the API)."""
+        try:
+            names = sorted(n for n in os.listdir(self.folder)
+                           if n.endswith(SUFFIX) and not n.startswith("."))
+        except FileNotFoundError:
+            return False
+        for name in names:
+            ticket = self.folder / name
+            baton = ticket.with_name(name + BATON)
+            if not _alive(ticket):
+                continue
+            draft = self.folder / f".{name}{BATON}-{uuid.uuid4().hex[:8]}"
+            draft.write_text(token)
+            try:
+                os.link(draft, baton)  # fails where a baton already waits for it
+            except FileExistsError:
+                continue
+            finally:
+                draft.unlink()
+            if _alive(ticket):
+                return True  # it takes the baton while waiting or as it leaves
+            # It left the line meanwhile: whoever renames the baton first has it.
+            mine = self.folder / f".{name}{BATON}-back-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(baton, mine)
+            except FileNotFoundError:
+                return True  # it took the baton on its way out
+            mine.unlink()
+        return False
+
     def ring(self) -> None:
         """Tell the waiters that a slot was given back (or that the line changed)."""
         bell = self.folder / BELL
@@ -112,11 +159,13 @@ class AdmissionLine:
         except OSError:
             return 0
 
-    def wait_for_bell(self, since: int, timeout: float) -> bool:
-        """Wait until the bell rings after ``since`` (a ``chime()``) or ``timeout`` passes;
-        whether it rang."""
+    def wait_for_bell(self, since: int, timeout: float, baton: Path | None = None) -> bool:
+        """Wait until the bell rings after ``since`` (a ``chime()``), ``baton`` is there,
+        or ``timeout`` passes; whether it rang or the baton came."""
         deadline = time.monotonic() + timeout
         while self.chime() == since:
+            if baton is not None and baton.exists():
+                return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -130,9 +179,24 @@ class Ticket:
     def __init__(self, line: AdmissionLine, path: Path) -> None:
         self.line = line
         self.path = path
+        self.baton = path.with_name(path.name + BATON)
+        self.left_with: str | None = None
+        """A slot's token handed to this waiter as it left the line: to be given back."""
 
     def ahead(self) -> int:
         return self.line.ahead_of(self.path)
+
+    def take_baton(self) -> str | None:
+        """The token of a slot passed to this waiter, if one was; it is ours then."""
+        mine = self.path.with_name(f".{self.baton.name}-taken-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.baton, mine)
+        except FileNotFoundError:
+            return None
+        try:
+            return mine.read_text()
+        finally:
+            mine.unlink()
 
 
 def _alive(ticket: Path) -> bool:

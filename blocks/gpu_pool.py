@@ -22,6 +22,7 @@ import contextvars
 import csv
 import io
 import itertools
+import json
 import logging
 import re
 import shlex
@@ -79,6 +80,22 @@ def _release(lease_id: UUID, logger: logging.Logger | logging.LoggerAdapter) -> 
                 raise
             logger.info("giving the GPU slot back failed (%s); trying again", exc)
             time.sleep(min(0.5 * 2 ** attempt, 5.0))
+
+
+def _token(lease_id: UUID, limits: list[Any]) -> str:
+    """A held slot as text, for passing it to another beam of the line: its lease and
+    the limits it counts in (for the events its new holder emits)."""
+    return json.dumps({"lease_id": str(lease_id),
+                       "limits": [limit.model_dump(mode="json") for limit in limits]})
+
+
+def _from_token(token: str) -> tuple[UUID, list[Any]]:
+    """The lease id and limits of a slot passed as ``_token``."""
+    from prefect.client.schemas.responses import MinimalConcurrencyLimitResponse
+
+    data = json.loads(token)
+    return UUID(data["lease_id"]), [MinimalConcurrencyLimitResponse.model_validate(limit)
+                                    for limit in data["limits"]]
 
 
 def _transient(exc: BaseException) -> bool:
@@ -325,9 +342,11 @@ class GpuPool(Block):
 
         Blocks while every GPU is in use, standing in this machine's line of waiting
         beams (blocks/admission_line.py) by ``order`` (the case's arrival, then the
-        beam's): the first of the line ask for a slot when a slot is given back on this
-        machine (the line's bell) and every ``poll_seconds`` otherwise. A watcher says
-        so in the task's log after a couple of seconds and every 30 s after that.
+        beam's). A beam done with its slot passes it to the first of the line; with
+        nobody waiting it gives it back to the API and rings the line's bell, and the
+        first of the line ask for free slots at the bell and every ``poll_seconds``. A
+        watcher says so in the task's log after a couple of seconds and every 30 s after
+        that.
         """
         from prefect.concurrency._events import (
             emit_concurrency_acquisition_events,
@@ -343,64 +362,82 @@ class GpuPool(Block):
         line = AdmissionLine(line_folder(str(get_current_settings().api.url),
                                          self.limit_name))
         events: list[Any] = []
+        ticket: Ticket | None = None
         with contextlib.ExitStack() as holding:
-            with line.ticket(order) as ticket:
+            try:
+                with line.ticket(order) as ticket:
+                    def say_waiting() -> None:
+                        interval = 2.0
+                        while not admitted.wait(interval):
+                            ahead = ticket.ahead()
+                            logger.info("waiting for a GPU: all are in use (%.0f s so far%s)",
+                                        time.monotonic() - started,
+                                        f"; {ahead} beam(s) ahead in line" if ahead else "")
+                            interval = 30.0
 
-                def say_waiting() -> None:
-                    interval = 2.0
-                    while not admitted.wait(interval):
-                        ahead = ticket.ahead()
-                        logger.info("waiting for a GPU: all are in use (%.0f s so far%s)",
-                                    time.monotonic() - started,
-                                    f"; {ahead} beam(s) ahead in line" if ahead else "")
-                        interval = 30.0
-
-                # The copied context carries Prefect's settings and run context into the
-                # thread.
-                watcher = threading.Thread(target=contextvars.copy_context().run,
-                                           args=(say_waiting,), daemon=True,
-                                           name="mqi-gpu-wait")
-                watcher.start()
-                try:
-                    lease_id, limits = self._take_slot(line, ticket, logger)
-                finally:
-                    admitted.set()  # also when taking the slot failed: the watcher stops
-
-                def give_back() -> None:
-                    # However the block ends (return, error, cancellation); a crashed
-                    # holder's slot comes back when its lease expires. The bell rings
-                    # once the slot is free, so a waiting beam takes it at once; the
-                    # released event follows the release, as with Prefect's concurrency().
+                    # The copied context carries Prefect's settings and run context into the
+                    # thread.
+                    watcher = threading.Thread(target=contextvars.copy_context().run,
+                                               args=(say_waiting,), daemon=True,
+                                               name="mqi-gpu-wait")
+                    watcher.start()
                     try:
-                        _release(lease_id, logger)
+                        lease_id, limits = self._take_slot(line, ticket, logger)
                     finally:
-                        line.ring()
-                        if events:
-                            emit_concurrency_release_events(limits, 1, events[0])
+                        admitted.set()  # also when taking the slot failed: the watcher stops
 
-                holding.callback(give_back)
+                    def give_back() -> None:
+                        # However the block ends (return, error, cancellation); a crashed
+                        # holder's slot comes back when its lease expires. The released
+                        # event follows, as with Prefect's concurrency().
+                        try:
+                            self._hand_on(line, _token(lease_id, limits), logger)
+                        finally:
+                            if events:
+                                emit_concurrency_release_events(limits, 1, events[0])
+
+                    holding.callback(give_back)
+            finally:
+                if ticket is not None and ticket.left_with is not None:
+                    # A second slot was passed to this beam as it left the line (it had
+                    # one already, or it is failing): on to the next waiter with it.
+                    self._hand_on(line, ticket.left_with, logger)
             # Out of the line: the next beam's turn while this one starts holding the slot.
             events.append(emit_concurrency_acquisition_events(limits, 1))
-            # Prefect's renewal thread keeps the lease; one that keeps failing ends the
-            # block, as concurrency(strict=True) does.
+            # Prefect's renewal thread keeps the lease (renewed at once, a passed one too);
+            # one that keeps failing ends the block, as concurrency(strict=True) does.
             holding.enter_context(maintain_concurrency_lease(
                 lease_id, self.lease_seconds, raise_on_lease_renewal_failure=True))
             yield
+
+    @staticmethod
+    def _hand_on(line: AdmissionLine, token: str,
+                 logger: logging.Logger | logging.LoggerAdapter) -> None:
+        """A slot this beam is done with: to the first of the line, else back to the API
+        (and the bell rung once the release went through)."""
+        try:
+            if line.pass_slot(token):
+                return
+        except OSError as exc:  # the line's folder is unusable: the API takes it back
+            logger.info("could not pass the GPU slot on (%s); giving it back", exc)
+        try:
+            _release(_from_token(token)[0], logger)
+        finally:
+            line.ring()
 
     def _take_slot(self, line: AdmissionLine, ticket: Ticket,
                    logger: logging.Logger | logging.LoggerAdapter,
                    ) -> tuple[UUID, list[Any]]:
         """Take a slot: its lease id and limits.
 
-        A waiter asks only while fewer live waiters stand before it than the limit has
-        free slots, which it reads first (a read, which on SQLite waits for no writer):
-        a freed slot is asked for by the oldest waiter alone, and a newer beam's request
-        that the database happens to take first cannot pass it. After a refusal it waits
-        for the bell or ``poll_seconds``. The server's Retry-After is not waited for: a
-        slot given back on this machine rings the bell, and asking every few Retry-After
-        seconds (0.2-1.3 s here) is load on the API that only slots freed elsewhere
-        need. A busy API (5xx, a dropped connection) is asked again with backoff; a
-        missing limit fails at once.
+        A slot another beam passes on (its baton) is taken as it comes. Otherwise a
+        waiter asks the API only while fewer live waiters stand before it than the
+        limit has free slots, which it reads first (a read, which on SQLite waits for no
+        writer): a freed slot is asked for by the oldest waiter alone. After a refusal
+        it waits for the bell, a baton or ``poll_seconds``. The server's Retry-After is
+        not waited for: asking every few Retry-After seconds (0.2-1.3 s here) is load on
+        the API that only slots freed elsewhere need. A busy API (5xx, a dropped
+        connection) is asked again with backoff; a missing limit fails at once.
         """
         from prefect.client.orchestration import get_client
 
@@ -409,6 +446,9 @@ class GpuPool(Block):
         with get_client(sync_client=True) as client:
             while True:
                 chime = line.chime()  # before asking: a slot freed meanwhile is not missed
+                passed = ticket.take_baton()
+                if passed is not None:
+                    return _from_token(passed)
                 try:
                     ahead = ticket.ahead()
                     if size is None or ahead < size:
@@ -420,8 +460,8 @@ class GpuPool(Block):
                             granted = self._request(client)
                             if granted is not None:
                                 return granted
-                        line.wait_for_bell(chime, self.poll_seconds)
-                    elif not line.wait_for_bell(chime, self.poll_seconds):
+                        line.wait_for_bell(chime, self.poll_seconds, ticket.baton)
+                    elif not line.wait_for_bell(chime, self.poll_seconds, ticket.baton):
                         size = None  # read the limit again: a larger one lets more look
                 except ConcurrencySlotAcquisitionError:
                     raise

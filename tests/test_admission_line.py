@@ -64,6 +64,39 @@ def test_the_bell_wakes_a_waiter_and_only_a_ring_does(tmp_path: Path) -> None:
     assert line.chime() != after
 
 
+def test_a_slot_is_passed_to_the_first_live_waiter_and_taken_once(tmp_path: Path) -> None:
+    folder = tmp_path / "line"
+    line = AdmissionLine(folder)
+    assert line.pass_slot("lease-0") is False  # nobody waits: the API takes it back
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; "
+        "from blocks.admission_line import AdmissionLine\n"
+        f"with AdmissionLine(Path({str(folder)!r})).ticket('a'):\n"
+        "    print('in line', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "in line"
+        holder.kill()  # a dead waiter ahead: passed over, and left no baton behind
+        holder.wait()
+        with line.ticket("c") as c, line.ticket("b") as b:
+            assert line.pass_slot("lease-1") is True
+            assert c.take_baton() is None
+            assert b.take_baton() == "lease-1"
+            assert b.take_baton() is None  # taken once
+            assert line.wait_for_bell(line.chime(), 0.05, b.baton) is False
+            # Two passed to one waiter: the second waits for it to take the first.
+            assert line.pass_slot("lease-2") and line.pass_slot("lease-3")
+            assert line.wait_for_bell(line.chime(), 5, b.baton) is True  # a baton came
+            assert (b.take_baton(), c.take_baton()) == ("lease-2", "lease-3")
+            assert line.pass_slot("lease-4") is True
+        # b left the line holding a baton it had not taken: it is b's to hand on.
+        assert (b.left_with, c.left_with) == ("lease-4", None)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert sorted(p.name for p in folder.iterdir()) == []  # nothing left behind
+
+
 def _limit(slots: int) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -129,18 +162,22 @@ def test_a_freed_slot_goes_to_the_oldest_waiting_beam_woken_by_the_bell(
 
 
 @pytest.mark.integration
-def test_only_as_many_waiters_as_slots_are_free_ask_for_one(
+def test_a_slot_freed_elsewhere_is_asked_for_by_the_oldest_alone_then_passed_on(
         prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While the one slot is held, three waiters looking every 0.1 s send no slot request
-    (they read the limit): a request the database takes first cannot pass the oldest.
-    Once it is free, the oldest alone asks and takes it."""
+    """The one slot is held through the API (a beam on another machine); three waiters
+    looking every 0.1 s send no slot request while it is held (they read the limit).
+    Once it is given back, the oldest alone asks and takes it, and each beam done with
+    it passes it to the next of the line: no other request, and it never went back to
+    the API, where another beam could have taken it."""
+    from prefect.client.orchestration import get_client
+
     from blocks.gpu_pool import GpuPool
 
     name = _limit(1)
     pool = _pool(name, poll_seconds=0.1)
     log = logging.getLogger("test.admission")
     asked: list[str] = []
-    admitted: list[str] = []
+    admitted: list[tuple[str, int]] = []
     request = GpuPool._request
 
     def counted(self: GpuPool, client: object) -> object:
@@ -150,22 +187,27 @@ def test_only_as_many_waiters_as_slots_are_free_ask_for_one(
     monkeypatch.setattr(GpuPool, "_request", counted)
 
     def beam(order: str) -> None:
-        with pool.admission(log, order):
-            admitted.append(order)
+        with pool.admission(log, order), get_client(sync_client=True) as client:
+            held = client.read_global_concurrency_limit_by_name(name).active_slots
+            admitted.append((order, held))
+            time.sleep(0.2)
 
-    with pool.admission(log, "0"):
-        asked.clear()
+    with get_client(sync_client=True) as client:
+        lease = client.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=60).json()["lease_id"]
         threads = [threading.Thread(target=contextvars.copy_context().run, args=(beam, o),
                                     name=f"beam-{o}") for o in ("3", "1", "2")]
         for t in threads:
             t.start()
         time.sleep(2.0)  # about twenty looks each
         assert asked == [] and admitted == []
+        client.release_concurrency_slots_with_lease(lease)
     for t in threads:
         t.join(30)
-    assert admitted == ["1", "2", "3"]
-    # Each asked once, when its turn came (none was refused for a slot another took).
-    assert sorted(asked) == ["beam-1", "beam-2", "beam-3"]
+    assert admitted == [("1", 1), ("2", 1), ("3", 1)]
+    assert asked == ["beam-1"]
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
 
 
 @pytest.mark.integration
