@@ -57,6 +57,11 @@ _WRITE_INPUT = ('mkdir -p -- "${1%/*}" && cat > "$2" && mv -f -- "$2" "$1" && '
 """Under the lock (``locked_command``): stdin into file $1 by way of $2, then command $3."""
 
 
+PASS_WITHIN_FRACTION = 0.125
+"""A passed slot is held only if taken within this fraction of ``lease_seconds``: its
+giver's renewal thread renewed the lease at most 3/4 of a lease before, so at least 1/4
+is left when it is passed; half of that is the margin."""
+
 ASK_STAGGER_SECONDS = 0.05
 """Of the first beams of the admission line woken at once, each asks this much later
 than the one before it (blocks/admission_line.py)."""
@@ -83,19 +88,20 @@ def _release(lease_id: UUID, logger: logging.Logger | logging.LoggerAdapter) -> 
 
 
 def _token(lease_id: UUID, limits: list[Any]) -> str:
-    """A held slot as text, for passing it to another beam of the line: its lease and
-    the limits it counts in (for the events its new holder emits)."""
-    return json.dumps({"lease_id": str(lease_id),
+    """A held slot as text, for passing it to another beam of the line: its lease, the
+    limits it counts in (for the events its new holder emits) and when it was passed."""
+    return json.dumps({"lease_id": str(lease_id), "passed_at": time.time(),
                        "limits": [limit.model_dump(mode="json") for limit in limits]})
 
 
-def _from_token(token: str) -> tuple[UUID, list[Any]]:
-    """The lease id and limits of a slot passed as ``_token``."""
+def _from_token(token: str) -> tuple[UUID, list[Any], float]:
+    """The lease id and limits of a slot passed as ``_token``, and its age in seconds."""
     from prefect.client.schemas.responses import MinimalConcurrencyLimitResponse
 
     data = json.loads(token)
-    return UUID(data["lease_id"]), [MinimalConcurrencyLimitResponse.model_validate(limit)
-                                    for limit in data["limits"]]
+    return (UUID(data["lease_id"]),
+            [MinimalConcurrencyLimitResponse.model_validate(limit) for limit in data["limits"]],
+            max(0.0, time.time() - float(data["passed_at"])))
 
 
 def _transient(exc: BaseException) -> bool:
@@ -425,6 +431,16 @@ class GpuPool(Block):
         finally:
             line.ring()
 
+    @staticmethod
+    def _give_back_stale(line: AdmissionLine, lease_id: UUID,
+                         logger: logging.Logger | logging.LoggerAdapter) -> None:
+        """Give back a passed slot whose lease may have expired (then it is gone)."""
+        try:
+            _release(lease_id, logger)
+        except Exception as exc:  # noqa: BLE001 - an expired lease is already given back
+            logger.info("the old GPU slot's lease had ended already (%s)", exc)
+        line.ring()
+
     def _take_slot(self, line: AdmissionLine, ticket: Ticket,
                    logger: logging.Logger | logging.LoggerAdapter,
                    ) -> tuple[UUID, list[Any]]:
@@ -448,7 +464,14 @@ class GpuPool(Block):
                 chime = line.chime()  # before asking: a slot freed meanwhile is not missed
                 passed = ticket.take_baton()
                 if passed is not None:
-                    return _from_token(passed)
+                    lease_id, limits, age = _from_token(passed)
+                    if age <= self.lease_seconds * PASS_WITHIN_FRACTION:
+                        return lease_id, limits
+                    # Its lease may have expired meanwhile (renewed last up to
+                    # 3/4 of a lease before it was passed): back to the API with it.
+                    logger.info("a GPU slot passed %.0f s ago is too old to hold; giving "
+                                "it back", age)
+                    self._give_back_stale(line, lease_id, logger)
                 try:
                     ahead = ticket.ahead()
                     if size is None or ahead < size:
@@ -457,7 +480,8 @@ class GpuPool(Block):
                             # Several free (woken together): they ask one after the other
                             # by their place, so the server sees the oldest's request first.
                             time.sleep(ahead * ASK_STAGGER_SECONDS)
-                            granted = self._request(client)
+                            with ticket.asking():
+                                granted = self._request(client)
                             if granted is not None:
                                 return granted
                         line.wait_for_bell(chime, self.poll_seconds, ticket.baton)
