@@ -25,8 +25,8 @@ slot was given back:
   and nobody else can take it. Both sides take the baton by renaming it, so exactly
   one of them has it: a waiter that leaves the line takes its baton on the way out
   (and gives that slot back), and a passer that finds the waiter gone takes the
-  baton back. A waiter that is asking the API for a slot is passed over: its request
-  may take seconds, and a lease unrenewed for long expires.
+  baton back. A waiter asking the API for a slot keeps looking for a baton while its
+  request is under way.
 - With nobody waiting the slot goes back to the API, and its giver rings the bell
   (a file's modification time); waiters look at it every ``check_seconds`` (a
   ``stat``, no request) and ask at once when it rang. A slot freed another way (a
@@ -53,7 +53,6 @@ from pathlib import Path
 
 SUFFIX = ".ticket"
 BATON = ".baton"
-ASKING = ".asking"
 BELL = "bell"
 
 
@@ -124,8 +123,8 @@ class AdmissionLine:
         for name in names:
             ticket = self.folder / name
             baton = ticket.with_name(name + BATON)
-            if ticket.with_name(name + ASKING).exists() or not _alive(ticket):
-                continue  # one asking the API may not look for a baton for a while
+            if not _alive(ticket):
+                continue
             draft = self.folder / f".{name}{BATON}-{uuid.uuid4().hex[:8]}"
             draft.write_text(token)
             try:
@@ -187,18 +186,6 @@ class Ticket:
 
     def ahead(self) -> int:
         return self.line.ahead_of(self.path)
-
-    @contextlib.contextmanager
-    def asking(self) -> Iterator[None]:
-        """Mark this waiter as asking the API (a request that can take seconds on a busy
-        server): slots are passed to waiters that look for them meanwhile."""
-        marker = self.path.with_name(self.path.name + ASKING)
-        marker.touch()
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                marker.unlink()
 
     def take_baton(self) -> str | None:
         """The token of a slot passed to this waiter, if one was; it is ours then."""

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
 from prefect.blocks.core import Block
@@ -480,10 +480,11 @@ class GpuPool(Block):
                             # Several free (woken together): they ask one after the other
                             # by their place, so the server sees the oldest's request first.
                             time.sleep(ahead * ASK_STAGGER_SECONDS)
-                            with ticket.asking():
-                                granted = self._request(client)
-                            if granted is not None:
-                                return granted
+                            asked = self._ask_watching(line, ticket, logger)
+                            if asked == "baton":
+                                continue  # passed a slot while asking: take it
+                            if asked != "refused":
+                                return asked
                         line.wait_for_bell(chime, self.poll_seconds, ticket.baton)
                     elif not line.wait_for_bell(chime, self.poll_seconds, ticket.baton):
                         size = None  # read the limit again: a larger one lets more look
@@ -497,6 +498,54 @@ class GpuPool(Block):
                                 exc.__cause__ or exc)
                     time.sleep(min(0.5 * 2 ** failures, 5.0))
                     failures += 1
+
+    def _ask_watching(self, line: AdmissionLine, ticket: Ticket,
+                      logger: logging.Logger | logging.LoggerAdapter,
+                      ) -> tuple[UUID, list[Any]] | Literal["refused", "baton"]:
+        """One slot request, sent from a helper thread while this waiter keeps looking
+        for a baton: on a starved SQLite server one request took two minutes (503s
+        included), and a slot passed meanwhile must not wait for it (nor be passed to a
+        newer beam). The granted slot; "refused"; or "baton" when a slot was passed
+        first, and then the request's slot, if it is granted later, is handed on.
+
+        Raises:
+            Exception: The request's own error.
+        """
+        from prefect.client.orchestration import get_client
+
+        lock = threading.Lock()
+        outcome: list[Any] = []  # the request's result or error, once it is in
+        abandoned = False
+
+        def ask() -> None:
+            result: Any
+            try:
+                with get_client(sync_client=True) as own:  # ours may be closed meanwhile
+                    result = self._request(own)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                result = exc
+            with lock:
+                outcome.append(result)
+                orphan = abandoned and isinstance(result, tuple)
+            if orphan:  # nobody waits for this slot here any more: the next waiter's
+                self._hand_on(line, _token(*result), logger)
+
+        asking = threading.Thread(target=contextvars.copy_context().run, args=(ask,),
+                                  daemon=True,
+                                  name=f"{threading.current_thread().name}/mqi-gpu-ask")
+        asking.start()
+        while True:
+            asking.join(line.check_seconds)
+            with lock:
+                if outcome:
+                    break
+                if ticket.baton.exists():
+                    abandoned = True
+                    return "baton"
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return "refused" if result is None else result
 
     def _slots(self, client: Any) -> tuple[int, int]:
         """The limit's slots and how many are free now (every waiter may ask when the

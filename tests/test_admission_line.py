@@ -181,7 +181,7 @@ def test_a_slot_freed_elsewhere_is_asked_for_by_the_oldest_alone_then_passed_on(
     request = GpuPool._request
 
     def counted(self: GpuPool, client: object) -> object:
-        asked.append(threading.current_thread().name)
+        asked.append(threading.current_thread().name.split("/")[0])  # its asking thread
         return request(self, client)
 
     monkeypatch.setattr(GpuPool, "_request", counted)
@@ -208,6 +208,66 @@ def test_a_slot_freed_elsewhere_is_asked_for_by_the_oldest_alone_then_passed_on(
     assert asked == ["beam-1"]
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+
+
+@pytest.mark.integration
+def test_a_slot_passed_while_the_waiter_asks_is_taken_at_once_and_the_late_one_handed_on(
+        prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiter whose slot request takes 4 s (a starved database) is passed a slot
+    meanwhile: it holds that one at once, and the slot its request is granted later
+    goes back (nobody else waits), so none is left taken."""
+    from prefect.client.orchestration import get_client
+
+    from blocks.gpu_pool import GpuPool
+
+    name = _limit(2)
+    pool = _pool(name, poll_seconds=0.1)
+    log = logging.getLogger("test.admission")
+    request = GpuPool._request
+    asking = threading.Event()
+
+    def slow(self: GpuPool, client: object) -> object:
+        asking.set()
+        time.sleep(4.0)
+        return request(self, client)
+
+    admitted_at: list[float] = []
+    release = threading.Event()
+
+    def holder() -> None:
+        with pool.admission(log, "0"):
+            admitted_at.append(time.monotonic())
+            release.wait(30)
+
+    def waiter() -> None:
+        with pool.admission(log, "1"):
+            admitted_at.append(time.monotonic())
+
+    with get_client(sync_client=True) as client:
+        lease = client.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=60).json()["lease_id"]
+        first = threading.Thread(target=contextvars.copy_context().run, args=(holder,))
+        first.start()
+        deadline = time.monotonic() + 20
+        while not admitted_at:
+            assert time.monotonic() < deadline, "the holder took no slot"
+            time.sleep(0.05)
+        monkeypatch.setattr(GpuPool, "_request", slow)
+        second = threading.Thread(target=contextvars.copy_context().run, args=(waiter,))
+        second.start()
+        time.sleep(0.5)
+        client.release_concurrency_slots_with_lease(lease)  # freed "elsewhere": it asks
+        assert asking.wait(10)
+        passed = time.monotonic()
+        release.set()  # the holder passes its slot to the asking waiter
+        second.join(30)
+        first.join(30)
+        assert len(admitted_at) == 2
+        assert admitted_at[1] - passed < 2.0, "the passed slot waited for the request"
+        deadline = time.monotonic() + 20  # the request's own slot comes in, and goes back
+        while client.read_global_concurrency_limit_by_name(name).active_slots != 0:
+            assert time.monotonic() < deadline, "the late slot was not given back"
+            time.sleep(0.2)
 
 
 @pytest.mark.integration
