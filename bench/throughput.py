@@ -3,6 +3,7 @@
     python -m bench.throughput [--cases 40] [--beams 2] [--sim-seconds 3] [--gpus 4]
                                [--layers 2] [--max-concurrent N] [--timeout 900]
     python -m bench.throughput --cases 200 --sim-seconds 1      # memory stays flat?
+    python -m bench.throughput --shell-rc     # sessions read this account's ~/.bashrc
 
 Starts `mqi up` (server, serve, sensor) on a test installation whose GPU host is a
 real sshd on this machine running the simulated tools, writes the cases in a
@@ -654,6 +655,9 @@ def main() -> None:
                         help="progress lines each simulation prints (streamed as logs)")
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="set cases.max_concurrent in the installation's config")
+    parser.add_argument("--shell-rc", action="store_true",
+                        help="the GPU host's sessions read this account's ~/.bashrc, as a "
+                             "real host's do (tests/support/sshd.py: shell_rc)")
     parser.add_argument("--settle", type=float, default=3.0,
                         help="seconds of idle memory sampling before the drop")
     parser.add_argument("--timeout", type=float, default=900.0,
@@ -680,7 +684,7 @@ def main() -> None:
 
         args.database_url = database.enter_context(postgres_database())
     try:
-        sshd = SshServer(work / "sshd").start()
+        sshd = SshServer(work / "sshd", shell_rc=args.shell_rc).start()
         inst = setup_installation(work, sshd, args)
         marker = yaml.safe_load(inst.config.read_text())["scanner"]["ready_marker"]
         t = time.monotonic()

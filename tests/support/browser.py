@@ -9,12 +9,13 @@ test looks for is waited for by its text, with a deadline, never by sleeping.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
@@ -126,7 +127,16 @@ class Browser:
 
     def click(self, text: str, tag: str = "*", css_class: str | None = None,
               timeout: float | None = None) -> None:
-        self.element(text, tag, css_class, timeout).click()
+        """Click the element saying ``text``, found again if the page redrew it between
+        finding and clicking (the dashboard re-renders as its data comes in)."""
+        for attempt in range(5):
+            try:
+                self.element(text, tag, css_class, timeout).click()
+                return
+            except StaleElementReferenceException:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
 
     def scroll_to(self, text: str, tag: str = "*") -> None:
         """Scroll so that the element saying ``text`` is at the top of the window."""

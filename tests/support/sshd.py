@@ -60,6 +60,11 @@ class SshServer:
     env: dict[str, str] = field(default_factory=dict)
     """Variables every session gets (sshd_config SetEnv): with several servers on this
     machine, what makes each a host of its own (e.g. the simulators' control file)."""
+    shell_rc: bool = False
+    """Whether sessions read the account's ~/.bashrc, as bash does for an SSH command. Off:
+    this machine's account is not a GPU host's, and what its ~/.bashrc runs (here `pyenv
+    init`, 160 ms of CPU per session) is no part of what a test or a benchmark measures;
+    with it the suite took twice as long. SHLVL=1 makes bash see itself as nested."""
     _argv: list[str] = field(default_factory=list)
 
     @property
@@ -108,13 +113,20 @@ class SshServer:
             "MaxStartups 100:30:200\n"
             f"Subsystem sftp {sftp_server}\n"
             "LogLevel ERROR\n"
-            + "".join(f"SetEnv {name}={value}\n" for name, value in self.env.items())
+            + self._set_env()
         )
         self._argv = [sshd, "-D", "-e", "-f", str(config)]
         self._launch()
         pub = self.host_key.with_suffix(".pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
         return self
+
+    def _set_env(self) -> str:
+        """The SetEnv line: one for all (sshd takes the first SetEnv line only)."""
+        env = ({} if self.shell_rc else {"SHLVL": "1"}) | self.env
+        if not env:
+            return ""
+        return "SetEnv " + " ".join(f'"{name}={value}"' for name, value in env.items()) + "\n"
 
     def _launch(self) -> None:
         self.process = subprocess.Popen(
