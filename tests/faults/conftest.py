@@ -25,6 +25,7 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 # What a shutdown or a fault must never leave in a log: a traceback of our own, the
 # half-imported module of a process killed while importing, an un-awaited cancellation.
 LOG_ERRORS = re.compile(r"Traceback|ImportError|CancelledError|partially initialized")
+RECORD_START = re.compile(r"^\d\d:\d\d:\d\d")
 
 
 def tune(inst: Installation, **changes: Any) -> None:
@@ -89,10 +90,21 @@ def log_errors(inst: Installation) -> dict[str, list[str]]:
             lines = path.read_text(errors="replace").splitlines()
             # each finding with what follows it: a traceback's frames name its cause
             bad = ["\n".join(lines[i:i + 25]) for i, ln in enumerate(lines)
-                   if LOG_ERRORS.search(ln)]
+                   if LOG_ERRORS.search(ln) and not (path.name == "server.log" and
+                                                     _sqlite_busy(lines, i))]
             if bad:
                 found[path.name] = bad
     return found
+
+
+def _sqlite_busy(lines: list[str], start: int) -> bool:
+    """Whether the server's log record around line ``start`` is Prefect's embedded
+    SQLite refusing a write under load ("database is locked"; the client asks again,
+    docs/prefect-behaviours.md#sqlite-and-postgresql): not a fault of ours. The record
+    runs to the next line that starts with a time."""
+    end = next((j for j in range(start + 1, len(lines)) if RECORD_START.match(lines[j])),
+               len(lines))
+    return any("database is locked" in ln for ln in lines[start:end])
 
 
 def sim_starts(inst: Installation) -> dict[str, int]:
