@@ -78,7 +78,7 @@ def open_case_report(b: Browser, case_id: str) -> str:
     report card among the flow run's own artifacts; the report's page text."""
     b.open("/flows")
     b.click("process_case", "a")
-    b.click(run_name(case_id), "a")
+    b.follow(run_name(case_id), "a", "/runs/flow-run/")
     b.wait_text("Artifacts")
     b.click("Artifacts", "li")
     key = report_artifact_key(case_id)

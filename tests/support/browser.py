@@ -138,6 +138,22 @@ class Browser:
                     raise
                 time.sleep(0.2)
 
+    def follow(self, text: str, tag: str, url_part: str, tries: int = 5) -> None:
+        """Click the link saying ``text`` until the browser is at a URL containing
+        ``url_part``: a click on a list the dashboard redraws as its data comes in can
+        land on the old copy of the link and go nowhere."""
+        for attempt in range(tries):
+            self.click(text, tag)
+            try:
+                WebDriverWait(self.driver, 5, poll_frequency=0.2).until(
+                    lambda driver: url_part in driver.current_url)
+                return
+            except TimeoutException:
+                if attempt == tries - 1:
+                    raise AssertionError(
+                        f"clicking {text!r} {tries} times did not lead to a page at "
+                        f"*{url_part}*; still at {self.driver.current_url}") from None
+
     def scroll_to(self, text: str, tag: str = "*") -> None:
         """Scroll so that the element saying ``text`` is at the top of the window."""
         self.driver.execute_script("arguments[0].scrollIntoView({block: 'start'})",
