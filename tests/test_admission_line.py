@@ -24,16 +24,22 @@ def test_a_ticket_stands_behind_the_older_orders(tmp_path: Path) -> None:
     assert list((tmp_path / "line").glob("*.ticket")) == []  # each left the line
 
 
-def test_a_dead_waiter_leaves_the_line_by_itself(tmp_path: Path) -> None:
-    folder = tmp_path / "line"
+def _waiter_elsewhere(folder: Path) -> subprocess.Popen[str]:
+    """Another process standing in the line ``folder`` with order 'a', until killed."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; "
         "from blocks.admission_line import AdmissionLine\n"
         f"with AdmissionLine(Path({str(folder)!r})).ticket('a'):\n"
         "    print('in line', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "in line"
+    return holder
+
+
+def test_a_dead_waiter_leaves_the_line_by_itself(tmp_path: Path) -> None:
+    folder = tmp_path / "line"
+    holder = _waiter_elsewhere(folder)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "in line"
         with AdmissionLine(folder).ticket("b") as mine:
             assert mine.ahead() == 1
             holder.kill()  # no clean-up runs: its ticket file stays, unlocked
@@ -68,14 +74,8 @@ def test_a_slot_is_passed_to_the_first_live_waiter_and_taken_once(tmp_path: Path
     folder = tmp_path / "line"
     line = AdmissionLine(folder)
     assert line.pass_slot("lease-0") is False  # nobody waits: the API takes it back
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; "
-        "from blocks.admission_line import AdmissionLine\n"
-        f"with AdmissionLine(Path({str(folder)!r})).ticket('a'):\n"
-        "    print('in line', flush=True); time.sleep(600)")],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    holder = _waiter_elsewhere(folder)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "in line"
         holder.kill()  # a dead waiter ahead: passed over, and left no baton behind
         holder.wait()
         with line.ticket("c") as c, line.ticket("b") as b:
