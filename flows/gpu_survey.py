@@ -26,6 +26,8 @@ _APPS_START, _APPS_END = "---mqi-survey-apps---", "---mqi-survey-end---"
 _LOCK_FILE = re.compile(r"gpu-(\d+)\.lock")
 _PID_FILE = re.compile(r"(?P<step>[A-Za-z_][A-Za-z0-9_]*?)(?:-beam(?P<beam>\d+))?\.pid")
 _SHORT = re.compile(r"run-([0-9a-f]{8})")
+LOOKS = 3
+"""Looks at most, while a compute process ends during one (``ended_during_look``)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class HostSurvey:
         folders: Every run folder under the remote work root.
         now: The host's clock when it was read (epoch seconds): remote ages are
             measured against it, not against this machine's clock.
+        before: The pids that lived just before the GPUs were read (None: not known).
     """
 
     gpus: list[GpuInfo]
@@ -103,6 +106,16 @@ class HostSurvey:
     pid_files: list[PidFile] = field(default_factory=list)
     folders: list[RunFolder] = field(default_factory=list)
     now: float = 0.0
+    before: set[int] | None = None
+
+    def ended_during_look(self) -> list[int]:
+        """Compute processes that lived as the GPUs were read and are gone from the
+        process table read after: their GPU's lock may have been let go meanwhile, and
+        a process the table does not show would pass for a foreign one (an unusable
+        GPU, a false warning, a smaller limit). Such a look is taken again."""
+        if self.before is None:
+            return []
+        return [a.pid for a in self.apps if a.pid in self.before and a.pid not in self.groups]
 
     @property
     def live_groups(self) -> set[int]:
@@ -130,9 +143,13 @@ def survey_script(pool: GpuPool, remote_root: str, *, query: bool) -> str:
     if query:
         # a failing query's own words (nvidia-smi prints them on stdout) go to stderr
         fail = "{ s=$?; printf '%s\\n' \"$OUT\" >&2; exit $s; }"
+        # the pids alive before the query: a simulation that ends between the query and
+        # the process table below is told from a process of another pid namespace
+        parts.append("b=$(ps -eo pid= | tr -s ' \\n' ' ')")
         parts.append(f"q=$({pool.query_command}) || {fail.replace('OUT', 'q')}; "
                      f"a=$({pool.apps_command}) || {fail.replace('OUT', 'a')}; "
-                     f"printf '%s\\n{_APPS_START}\\n%s\\n{_APPS_END}\\n' \"$q\" \"$a\"")
+                     f"printf '%s\\n{_APPS_START}\\n%s\\n{_APPS_END}\\n' \"$q\" \"$a\"; "
+                     "echo \"before $b\"")
     parts += [
         "echo \"now $(date +%s)\"",
         # lock files: index, then the file system's device number and the inode, which
@@ -170,7 +187,8 @@ def _relative(root: str, path: str) -> list[str] | None:
 
 
 def parse_survey(text: str, remote_root: str, gpus: list[GpuInfo] | None = None,
-                 apps: list[ComputeApp] | None = None) -> HostSurvey:
+                 apps: list[ComputeApp] | None = None,
+                 before: set[int] | None = None) -> HostSurvey:
     """Read ``survey_script``'s output (``gpus``/``apps``: already read, through NVML).
 
     Raises:
@@ -180,7 +198,7 @@ def parse_survey(text: str, remote_root: str, gpus: list[GpuInfo] | None = None,
         query, _, rest = text.partition(f"{_APPS_START}\n")
         apps_text, _, text = rest.partition(f"{_APPS_END}\n")
         gpus, apps = parse_gpu_query(query), parse_compute_apps(apps_text)
-    found = HostSurvey(gpus=gpus, apps=apps)
+    found = HostSurvey(gpus=gpus, apps=apps, before=before)
     lock_ids: dict[tuple[int, int, int], int] = {}
     flocks: list[tuple[int, tuple[int, int, int]]] = []
     for line in text.splitlines():
@@ -189,6 +207,8 @@ def parse_survey(text: str, remote_root: str, gpus: list[GpuInfo] | None = None,
         try:
             if kind == "now":
                 found.now = float(words[0])
+            elif kind == "before":
+                found.before = {int(w) for w in words}
             elif kind == "lockfile":
                 match = _LOCK_FILE.fullmatch(words[0])
                 device, inode = (int(n) for n in words[1].split(":"))
@@ -253,6 +273,13 @@ def survey(host: Host, pool: GpuPool, remote_root: str) -> HostSurvey:
     root = posixpath.normpath(remote_root) if remote_root else ""
     root = "" if root == "/" else root
     nvml = pool.source == "nvml"
-    gpus, apps = read_nvml() if nvml else (None, None)
-    out = host.run(survey_script(pool, root, query=not nvml), stream=False, timeout=60).stdout
-    return parse_survey(out, root, gpus, apps)
+    for _ in range(LOOKS):
+        # NVML is read here, and the GPU host is this machine: its pids before the read
+        before = {int(n) for n in os.listdir("/proc") if n.isdigit()} if nvml else None
+        gpus, apps = read_nvml() if nvml else (None, None)
+        out = host.run(survey_script(pool, root, query=not nvml), stream=False,
+                       timeout=60).stdout
+        found = parse_survey(out, root, gpus, apps, before)
+        if not found.ended_during_look():
+            break
+    return found

@@ -418,6 +418,41 @@ def test_the_survey_reads_lock_holders_from_proc_locks_and_skips_what_is_not_our
     assert found.group_alive(700) and not found.group_alive(701)
 
 
+def test_a_simulation_ending_during_the_look_is_looked_at_again_not_taken_for_foreign(
+        tmp_path: Path) -> None:
+    from blocks.gpu_pool import GpuPool
+    from blocks.local_host import LocalHost
+    from flows.gpu_survey import survey
+    from flows.gpu_table import gpu_rows
+
+    # A process of ours on GPU 0 that ends between the compute-apps query and the process
+    # table (the query itself ends it, once: the flag): nvidia-smi listed it, the table
+    # no longer has it, and its lock is free by then.
+    sim = subprocess.Popen(["sleep", "600"])
+    flag = tmp_path / "end-it-while-listed"
+    flag.write_text("")
+    apps = (f"if [ -e {flag} ]; then rm {flag}; echo '{sim.pid}, {UUID0}, 21482'; "
+            f"kill {sim.pid}; while ! ps -o stat= -p {sim.pid} | grep -q Z; do :; done; fi")
+    pool = GpuPool(query_command=f"echo '0, {UUID0}, H100, 81559, 0, 81079, 0, 34'",
+                   apps_command=apps, lock_dir=str(tmp_path / "locks"),
+                   min_free_memory_mib=1024)
+    try:
+        found = survey(LocalHost(), pool, "")
+    finally:
+        sim.kill()
+        sim.wait()
+    assert not flag.exists()  # the race happened
+    (row,) = gpu_rows("gpu-a", found, pool, 80)
+    assert found.apps == [] and row.usable and row.warnings == [], row  # the second look
+    # a process the table never showed (another pid namespace) is judged as before
+    other = parse_survey(f"0, {UUID0}, H100, 81559, 21491, 59589, 100, 52\n"
+                         f"---mqi-survey-apps---\n424242, {UUID0}, 21482\n"
+                         "---mqi-survey-end---\nbefore 1 2 3\nproc 1 1\n", "")
+    assert other.ended_during_look() == []
+    (row,) = gpu_rows("gpu-a", other, pool, 80)
+    assert not row.usable and "foreign process" in row.why
+
+
 def test_the_table_is_aligned_plain_text_with_control_characters_shown() -> None:
     rows = [GpuRow("gpu-a", 0, UUID0, "H100", 0, 81079, 81559, 0, 34, usable=True),
             GpuRow("gpu-a", 10, UUID1, "H100\x1b[31m", None, None, None, None, None,
