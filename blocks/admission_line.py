@@ -215,6 +215,12 @@ def _alive(ticket: Path) -> bool:
             raise
         with contextlib.suppress(FileNotFoundError):
             ticket.unlink()  # no one holds it: its waiter died without leaving
+        with contextlib.suppress(FileNotFoundError):
+            # A slot passed to it and never taken: its lease runs out as a dead
+            # holder's does. (A passer that linked it a moment ago finds the ticket
+            # gone and takes it back first; if this unlink wins, that slot waits for
+            # its lease to run out.)
+            ticket.with_name(ticket.name + BATON).unlink()
         return False
     finally:
         os.close(fd)

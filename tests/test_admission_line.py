@@ -40,13 +40,18 @@ def test_a_dead_waiter_leaves_the_line_by_itself(tmp_path: Path) -> None:
     folder = tmp_path / "line"
     holder = _waiter_elsewhere(folder)
     try:
-        with AdmissionLine(folder).ticket("b") as mine:
+        line = AdmissionLine(folder)
+        with line.ticket("b") as mine:
             assert mine.ahead() == 1
-            holder.kill()  # no clean-up runs: its ticket file stays, unlocked
+            assert line.pass_slot("lease-1") is True  # to the first: the other process
+            holder.kill()  # no clean-up runs: its ticket and its baton stay, unlocked
             holder.wait()
             assert len(list(folder.glob("*.ticket"))) == 2
+            assert len(list(folder.glob("*.baton"))) == 1
             assert mine.ahead() == 0
-            assert [p.name for p in folder.glob("*.ticket")] == [mine.path.name]
+            # Its baton goes with its ticket (that slot's lease runs out, as any dead
+            # holder's does): nothing of a dead waiter is left in the line's folder.
+            assert sorted(p.name for p in folder.iterdir()) == [mine.path.name]
     finally:
         if holder.poll() is None:
             holder.kill()
