@@ -224,6 +224,19 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
     first gets the case (``case_dir``) and its case steps (``prepare``); a host that
     stops answering mid-way is left for another.
     """
+    shown: list[BeamProgress] = []  # each try's progress display
+    try:
+        return _simulate_beam(case_id, digest, flow_run_id, beam, case_dir, prepare, avoid,
+                              shown)
+    finally:
+        for progress in shown:  # the GPU is handed on already: the last value may wait
+            progress.close()
+
+
+def _simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam, case_dir: str,
+                   prepare: tuple[str, ...], avoid: tuple[str, ...],
+                   shown: list[BeamProgress]) -> SimulationOutcome:
+    """``simulate_beam``'s body; the progress displays it makes go into ``shown``."""
     cfg = flow_config()
     logger = get_run_logger()
     pool = flow_pool(cfg)
@@ -256,6 +269,7 @@ def simulate_beam(case_id: str, digest: str, flow_run_id: str, beam: Beam,
                 visible = cfg.gpu.set_cuda_visible_devices
                 sim = render_simulation(cfg, layout, beam, 0 if visible else index)
                 progress = BeamProgress(case_id, beam.number, index, cfg.simulated)
+                shown.append(progress)
                 try:
                     result = run_remote(
                         host, cfg, layout, GPU_STEP,
