@@ -16,6 +16,25 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mqi-test-prefect-"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A ``scenario(budget=s)`` test fails past its budget (pytest-timeout), so a hang
+    in one fails that test with its traceback instead of running CI out of time.
+
+    (Starting the scenario files first, longest first, was tried: two of them side by
+    side on two cores starved the SQLite servers into 503s, and the suite took 1375 s
+    against 1070 s with xdist's own order, which pairs them with short tests.)
+    """
+    for item in items:
+        marker = item.get_closest_marker("scenario")
+        if marker is None:
+            continue
+        budget = float(marker.kwargs.get("budget", marker.args[0] if marker.args else 0))
+        if budget <= 0:
+            raise pytest.UsageError(f"{item.nodeid}: scenario(budget=seconds) needs a budget "
+                                    "above 0")
+        item.add_marker(pytest.mark.timeout(budget))
+
+
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """A real OpenSSH sshd on a free 127.0.0.1 port. Fails (never skips) when unavailable."""

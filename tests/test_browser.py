@@ -89,6 +89,7 @@ def open_case_report(b: Browser, case_id: str) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.scenario(budget=420)
 def test_each_case_page_shows_its_report(inst: Installation, browser: Browser):
     api = inst.api_url
     up = inst.start_up()

@@ -97,6 +97,7 @@ def distributed(tmp_path: Path, sshd) -> Iterator[Installation]:
             proc.wait(60)
 
 
+@pytest.mark.scenario(budget=600)
 def test_workers_on_postgresql_take_cases_resume_reruns_and_follow_blocks(
         distributed: Installation, tmp_path: Path):
     inst, api = distributed, distributed.api_url

@@ -70,6 +70,7 @@ def patient_id(case: Path) -> str:
     return str(pydicom.dcmread(next(case.glob("RP*.dcm"))).PatientID)
 
 
+@pytest.mark.scenario(budget=240)
 def test_the_sensor_starts_cases_whose_verdict_heads_report_tags_status_and_events(
         inst: Installation):
     mixed = drop(inst, "qa-mixed", beams=3, reference={
@@ -126,6 +127,7 @@ def test_the_sensor_starts_cases_whose_verdict_heads_report_tags_status_and_even
         ["COMPLETED", "REVIEW"]
 
 
+@pytest.mark.scenario(budget=120)
 def test_mqi_run_passes_a_matching_case_and_fails_a_missing_reference_when_required(
         inst: Installation):
     passing = write_case(inst.root / "elsewhere", "qa-pass", beams=2, layers=1,

@@ -132,6 +132,7 @@ def _host_warnings(api: str, host: str) -> list[dict]:
 
 
 @pytest.mark.integration
+@pytest.mark.scenario(budget=450)
 def test_two_gpu_hosts_share_the_work_and_one_going_down_leaves_the_pool(
         pool: tuple[Installation, list[GpuBox]], tmp_path: Path):
     inst, (a, b) = pool

@@ -249,6 +249,7 @@ def test_a_cancelled_or_crashed_run_says_so_in_its_case_report(fresh: Installati
     assert not [i for i in patient_ids(case) if i in again.data]
 
 
+@pytest.mark.scenario(budget=180)
 def test_six_cases_on_two_gpus_never_share_an_index(fresh: Installation):
     fresh.set_control(duration=1.0, batches=4)
     cases = [write_case(fresh.scan_root, f"e2e-six-{i}", beams=3, layers=2, seed=10 + i)
@@ -268,6 +269,7 @@ def test_six_cases_on_two_gpus_never_share_an_index(fresh: Installation):
     assert all(v == 0 for v in active_slots(fresh).values())
 
 
+@pytest.mark.scenario(budget=240)
 def test_a_killed_flow_process_frees_its_gpu_slot_after_the_lease(fresh: Installation):
     fresh.set_control(fail={"2": "hang"}, duration=2.0)
     case = write_case(fresh.scan_root, "e2e-killed", beams=1, layers=2, seed=5)

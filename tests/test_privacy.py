@@ -57,6 +57,7 @@ def inst(tmp_path, sshd) -> Installation:
 
 
 @pytest.mark.integration
+@pytest.mark.scenario(budget=240)
 def test_no_patient_id_in_any_output_channel(inst: Installation, tmp_path):
     api = inst.api_url
     staging = tmp_path / "staging"

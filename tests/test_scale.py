@@ -59,6 +59,7 @@ def inst(tmp_path, sshd) -> Installation:
     return installation
 
 
+@pytest.mark.scenario(budget=240)
 def test_a_backlog_runs_at_most_max_concurrent_cases_at_once(inst: Installation, tmp_path):
     api = inst.api_url
     staging = tmp_path / "staging"

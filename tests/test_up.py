@@ -87,6 +87,7 @@ def inst(tmp_path, sshd) -> Installation:
     return installation
 
 
+@pytest.mark.scenario(budget=360)
 def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
     api = inst.api_url
     cmd = [sys.executable, "-m", "deployments.cli", "up", "--config", str(inst.config)]
@@ -163,6 +164,7 @@ def test_up_runs_each_case_once_and_stops_cleanly(inst: Installation, tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.scenario(budget=300)
 def test_kill_9_of_up_mid_simulation_then_restart_completes_the_case_once(inst: Installation,
                                                                           tmp_path):
     api = inst.api_url
@@ -201,6 +203,7 @@ def test_kill_9_of_up_mid_simulation_then_restart_completes_the_case_once(inst: 
                 proc.wait()
 
 
+@pytest.mark.scenario(budget=270)
 def test_rerun_retries_the_failed_run_itself_and_only_the_failed_beam_runs_again(
         inst: Installation, tmp_path):
     """`mqi rerun` does what the UI's Retry does: the same flow run, on serve, resumed

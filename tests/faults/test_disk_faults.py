@@ -48,6 +48,7 @@ def snapshot(folder: Path) -> dict[str, int]:
             for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.scenario(budget=300)
 def test_full_disks_fail_the_case_clearly_and_rerun_completes(up_inst: Installation,
                                                                tmp_path):
     inst, api = up_inst, up_inst.api_url

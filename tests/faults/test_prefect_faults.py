@@ -47,6 +47,7 @@ def finished(api: str, cases: list[str]) -> bool:
     return all(state_of(api, c) in TERMINAL for c in cases)
 
 
+@pytest.mark.scenario(budget=360)
 def test_server_killed_under_three_cases_then_unreachable_while_two_arrive(
         up_inst: Installation, tmp_path):
     inst, api = up_inst, up_inst.api_url

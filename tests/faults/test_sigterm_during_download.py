@@ -24,6 +24,7 @@ from tests.support.pipeline import Installation, stop, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
+@pytest.mark.scenario(budget=330)
 def test_sigterm_during_download_stops_cleanly_and_the_next_start_resumes(
         up_inst: Installation, tmp_path):
     inst = up_inst

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from config import DEFAULT_PATH
+from tests.support.database import seed
 from tests.support.sshd import SshServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,6 +167,7 @@ def write_installation(root: Path, sshd: SshServer, port: int | None = None) -> 
                                    "timeout_seconds": 300}, "steps": {}}
     data["simulated"] = True
     inst.config.write_text(yaml.safe_dump(data, sort_keys=False))
+    seed(root / "data" / "prefect" / "mqi.db")  # the server's database, migrated already
     return inst
 
 
