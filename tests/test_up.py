@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -181,9 +182,14 @@ def test_kill_9_of_up_mid_simulation_then_restart_completes_the_case_once(inst: 
         up.wait()
 
         second = inst.start_up()
-        # the dead run's GPU slots are freed at once, not when their leases expire
-        wait_for(lambda: "freed 2 GPU slot(s) held by runs of the previous mqi up"
-                 in (inst.root / "up.log").read_text(), 10, "the orphaned GPU slots to be freed")
+        # The dead run's GPU slots are freed at once, not when their leases expire: the
+        # simulating beam's, and the other GPU's unless it was between two beams (a slot
+        # passed on a moment before and not yet held by its taker, or still being asked
+        # for: on a busy SQLite server one request can take seconds).
+        freed = wait_for(lambda: re.search(
+            r"freed (\d+) GPU slot\(s\) held by runs of the previous mqi up",
+            (inst.root / "up.log").read_text()), 10, "the orphaned GPU slots to be freed")
+        assert 1 <= int(freed.group(1)) <= 2, freed.group(0)
         terminal = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
         final = wait_for(lambda: (s := state_of(api, "killed-case")) in terminal and s, 240,
                          "the case to finish")
