@@ -24,6 +24,7 @@ import pytest
 from demo.synthetic_case import write_case
 from flows.curator import ARTIFACT_KEY as GPU_TABLE_KEY
 from flows.naming import report_artifact_key, run_name
+from tests.support.api import post as api_write
 from tests.support.browser import Browser
 from tests.support.pipeline import REPO, Installation, quick_installation, stop, wait_for
 from tests.test_up import state_of
@@ -62,8 +63,7 @@ def look_at_the_gpus_now(api: str) -> None:
     run may be a minute away)."""
     found = httpx.get(f"{api}/deployments/name/{CURATOR_DEPLOYMENT}", timeout=10)
     found.raise_for_status()
-    httpx.post(f"{api}/deployments/{found.json()['id']}/create_flow_run", json={},
-               timeout=10).raise_for_status()
+    api_write(f"{api}/deployments/{found.json()['id']}/create_flow_run", {})
 
 
 def flow_run_section(page: str) -> str:

@@ -23,6 +23,7 @@ from config import get_config, load_config
 from flows.gpu_survey import parse_survey
 from flows.gpu_table import GpuRow, format_table
 from flows.naming import FLOW_NAME, run_name, short_run_id
+from tests.support.api import post as api_write
 from tests.support.pipeline import APPS_QUERY, GPU_QUERY, REPO, write_installation
 from tests.support.sshd import SshServer, free_port
 
@@ -100,9 +101,7 @@ def curated(tmp_path: Path, sshd: SshServer, prefect_api: str,
 
 
 def api_post(api: str, path: str, body: dict[str, Any]) -> Any:
-    response = httpx.post(f"{api}{path}", json=body, timeout=30)
-    response.raise_for_status()
-    return response.json() if response.content else None
+    return api_write(f"{api}{path}", body)
 
 
 def artifact_rows(api: str, flow_run_id: str) -> list[dict[str, Any]]:

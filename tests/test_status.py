@@ -31,6 +31,7 @@ from flows.naming import (
     run_name,
     simulation_task_run_name,
 )
+from tests.support.api import post as api_write
 from tests.support.pipeline import REPO
 
 T0 = 1_700_000_000.0
@@ -144,9 +145,7 @@ class Runs:
         self.flow_id = self.post("/flows/", {"name": FLOW_NAME})["id"]
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = self.http.post(path, json=body)
-        response.raise_for_status()
-        return response.json() if response.content else None
+        return api_write(path, body, client=self.http)
 
     def state(self, run_id: str, state: str, message: str | None = None) -> None:
         self.post(f"/flow_runs/{run_id}/set_state",
