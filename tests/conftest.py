@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.pipeline import PATIENCE
 from tests.support.sshd import SshServer
 
 # Prefect must never phone home from a test run, nor write into the user's ~/.prefect.
@@ -17,8 +18,9 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mqi-test-prefect-
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A ``scenario(budget=s)`` test fails past its budget (pytest-timeout), so a hang
-    in one fails that test with its traceback instead of running CI out of time.
+    """A ``scenario(budget=s)`` test fails past its budget times PATIENCE
+    (pytest-timeout), so a hang in one fails that test with its traceback instead of
+    running CI out of time.
 
     (Starting the scenario files first, longest first, was tried: two of them side by
     side on two cores starved the SQLite servers into 503s, and the suite took 1375 s
@@ -32,7 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if budget <= 0:
             raise pytest.UsageError(f"{item.nodeid}: scenario(budget=seconds) needs a budget "
                                     "above 0")
-        item.add_marker(pytest.mark.timeout(budget))
+        item.add_marker(pytest.mark.timeout(budget * PATIENCE))
 
 
 @pytest.fixture(scope="session")
