@@ -17,7 +17,9 @@ slot was given back:
   hidden name and then renamed, so a living waiter's ticket is never seen unlocked.
 - Only the first waiters of the line ask the API (as many as the limit has slots: a
   newer beam never passes one that stands further ahead than that), so a freed slot
-  goes to one of the oldest, and the API sees a bounded number of requests.
+  goes to one of the oldest, and the API sees a bounded number of requests. The API
+  may answer those few in another order than they asked (SQLite's busy handler does);
+  a waiter granted a slot while older ones still wait passes it to the first of them.
 - A beam done with its slot passes it to the first waiter of the line: the slot's
   lease (its token) goes into a baton file next to that waiter's ticket, and the
   waiter carries on with the lease. The slot never returns to the API between the

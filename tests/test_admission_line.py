@@ -276,6 +276,53 @@ def test_a_slot_passed_while_the_waiter_asks_is_taken_at_once_and_the_late_one_h
 
 
 @pytest.mark.integration
+def test_a_slot_granted_to_a_newer_waiter_first_goes_to_the_oldest(
+        prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two free slots, two waiters asking at once; the API answers the newer one first
+    (the older one's request takes 3 s, as on a starved SQLite server). The newer one
+    hands its slot to the older, which holds it at once, and takes the older one's late
+    slot in turn: admitted in the line's order, and every slot given back at the end."""
+    from prefect.client.orchestration import get_client
+
+    from blocks.gpu_pool import GpuPool
+
+    name = _limit(2)
+    pool = _pool(name, poll_seconds=60)
+    log = logging.getLogger("test.admission")
+    request = GpuPool._request
+    older_asking = threading.Event()
+
+    def served_late_for_the_older(self: GpuPool, client: object) -> object:
+        if threading.current_thread().name.startswith("beam-1/"):  # its asking thread
+            older_asking.set()
+            time.sleep(3.0)
+        return request(self, client)
+
+    monkeypatch.setattr(GpuPool, "_request", served_late_for_the_older)
+    admitted: list[tuple[str, float]] = []
+
+    def beam(order: str) -> None:
+        with pool.admission(log, order):
+            admitted.append((order, time.monotonic()))
+            time.sleep(0.5)
+
+    started = time.monotonic()
+    older = threading.Thread(target=contextvars.copy_context().run, args=(beam, "1"),
+                             name="beam-1")
+    older.start()
+    assert older_asking.wait(20), "the older waiter did not ask"
+    newer = threading.Thread(target=contextvars.copy_context().run, args=(beam, "2"),
+                             name="beam-2")
+    newer.start()
+    older.join(30)
+    newer.join(30)
+    assert [order for order, _ in admitted] == ["1", "2"]
+    assert admitted[0][1] - started < 2.5, "the older waiter waited for its own request"
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+
+
+@pytest.mark.integration
 def test_free_slots_go_to_several_waiters_at_once_and_a_missing_limit_fails(
         prefect_api: str) -> None:
     """Two slots, two beams: both hold one at the same time (the first of the line ask
