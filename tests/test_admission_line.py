@@ -120,6 +120,26 @@ def _pool(name: str, poll_seconds: float):
                    lease_seconds=60, poll_seconds=poll_seconds)
 
 
+def _served_late(monkeypatch: pytest.MonkeyPatch, seconds: float,
+                 asker: str = "") -> threading.Event:
+    """From now on a slot request sent by an asking thread whose name starts with
+    ``asker`` is served ``seconds`` late (a starved database); the event is set when
+    one is."""
+    from blocks.gpu_pool import GpuPool
+
+    request = GpuPool._request
+    asking = threading.Event()
+
+    def late(self: GpuPool, client: object) -> object:
+        if threading.current_thread().name.startswith(asker):
+            asking.set()
+            time.sleep(seconds)
+        return request(self, client)
+
+    monkeypatch.setattr(GpuPool, "_request", late)
+    return asking
+
+
 @pytest.mark.integration
 def test_a_freed_slot_goes_to_the_oldest_waiting_beam_woken_by_the_bell(
         prefect_api: str) -> None:
@@ -223,19 +243,9 @@ def test_a_slot_passed_while_the_waiter_asks_is_taken_at_once_and_the_late_one_h
     goes back (nobody else waits), so none is left taken."""
     from prefect.client.orchestration import get_client
 
-    from blocks.gpu_pool import GpuPool
-
     name = _limit(2)
     pool = _pool(name, poll_seconds=0.1)
     log = logging.getLogger("test.admission")
-    request = GpuPool._request
-    asking = threading.Event()
-
-    def slow(self: GpuPool, client: object) -> object:
-        asking.set()
-        time.sleep(4.0)
-        return request(self, client)
-
     admitted_at: list[float] = []
     release = threading.Event()
 
@@ -257,7 +267,7 @@ def test_a_slot_passed_while_the_waiter_asks_is_taken_at_once_and_the_late_one_h
         while not admitted_at:
             assert time.monotonic() < deadline, "the holder took no slot"
             time.sleep(0.05)
-        monkeypatch.setattr(GpuPool, "_request", slow)
+        asking = _served_late(monkeypatch, 4.0)
         second = threading.Thread(target=contextvars.copy_context().run, args=(waiter,))
         second.start()
         time.sleep(0.5)
@@ -284,21 +294,10 @@ def test_a_slot_granted_to_a_newer_waiter_first_goes_to_the_oldest(
     slot in turn: admitted in the line's order, and every slot given back at the end."""
     from prefect.client.orchestration import get_client
 
-    from blocks.gpu_pool import GpuPool
-
     name = _limit(2)
     pool = _pool(name, poll_seconds=60)
     log = logging.getLogger("test.admission")
-    request = GpuPool._request
-    older_asking = threading.Event()
-
-    def served_late_for_the_older(self: GpuPool, client: object) -> object:
-        if threading.current_thread().name.startswith("beam-1/"):  # its asking thread
-            older_asking.set()
-            time.sleep(3.0)
-        return request(self, client)
-
-    monkeypatch.setattr(GpuPool, "_request", served_late_for_the_older)
+    older_asking = _served_late(monkeypatch, 3.0, asker="beam-1/")  # its asking thread
     admitted: list[tuple[str, float]] = []
 
     def beam(order: str) -> None:
