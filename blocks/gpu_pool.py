@@ -450,11 +450,12 @@ class GpuPool(Block):
         waiter asks the API only while fewer live waiters stand before it than the
         limit has free slots, which it reads first (a read, which on SQLite waits for no
         writer): a freed slot is asked for by the oldest waiter alone. A slot granted
-        while older waiters still stand before this one goes to the first of them. After a refusal
-        it waits for the bell, a baton or ``poll_seconds``. The server's Retry-After is
-        not waited for: asking every few Retry-After seconds (0.2-1.3 s here) is load on
-        the API that only slots freed elsewhere need. A busy API (5xx, a dropped
-        connection) is asked again with backoff; a missing limit fails at once.
+        while older waiters still stand before this one goes to the first of them.
+        After a refusal it waits for the bell, a baton or ``poll_seconds``. The
+        server's Retry-After is not waited for: asking every few Retry-After seconds
+        (0.2-1.3 s here) is load on the API that only slots freed elsewhere need. A
+        busy API (5xx, a dropped connection) is asked again with backoff; a missing
+        limit fails at once.
         """
         from prefect.client.orchestration import get_client
 
