@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from config import get_config
+from demo.simulators.tps_env import HANGING_HELPER
 from demo.synthetic_case import BROKEN_KINDS, write_case
 from flows.naming import (
     SIMULATION_TASK,
@@ -301,7 +303,16 @@ def test_a_killed_flow_process_frees_its_gpu_slot_after_the_lease(fresh: Install
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-f", str(fresh.control)], check=False)
+        # The hanging simulation (its command line names the control file) and the
+        # helper it started, which ignores SIGTERM and would sleep on for an hour.
+        subprocess.run(["pkill", "-KILL", "-f", str(fresh.control)], check=False)
+        for hang in fresh.events("tps_env"):
+            if hang["event"] != "hang":
+                continue
+            with contextlib.suppress(OSError):  # gone already
+                cmdline = Path(f"/proc/{hang['helper']}/cmdline").read_bytes()
+                if HANGING_HELPER.encode() in cmdline:  # not a process that took its pid
+                    os.kill(hang["helper"], signal.SIGKILL)
 
 
 @pytest.mark.parametrize("mode,reason", [
