@@ -536,15 +536,20 @@ class GpuPool(Block):
             Exception: The request's own error.
         """
         from prefect.client.orchestration import get_client
+        from prefect.context import SyncClientContext
 
         lock = threading.Lock()
         outcome: list[Any] = []  # the request's result or error, once it is in
         abandoned = False
 
         def ask() -> None:
+            # This thread's clients are its own: it can outlive the waiter, and a task
+            # run's client (its SyncClientContext, copied with the rest of the context)
+            # is closed when the run ends; a late slot then could not be given back.
+            SyncClientContext.__var__.set(None)  # type: ignore[arg-type]
             result: Any
             try:
-                with get_client(sync_client=True) as own:  # ours may be closed meanwhile
+                with get_client(sync_client=True) as own:
                     result = self._request(own)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
                 result = exc

@@ -121,23 +121,27 @@ def _pool(name: str, poll_seconds: float):
 
 
 def _served_late(monkeypatch: pytest.MonkeyPatch, seconds: float,
-                 asker: str = "") -> threading.Event:
+                 asker: str = "") -> tuple[threading.Event, threading.Event]:
     """From now on a slot request sent by an asking thread whose name starts with
-    ``asker`` is served ``seconds`` late (a starved database); the event is set when
-    one is."""
+    ``asker`` is served ``seconds`` late (a starved database). Two events: one such
+    request was sent, and one was answered."""
     from blocks.gpu_pool import GpuPool
 
     request = GpuPool._request
-    asking = threading.Event()
+    asking, answered = threading.Event(), threading.Event()
 
     def late(self: GpuPool, client: object) -> object:
-        if threading.current_thread().name.startswith(asker):
-            asking.set()
-            time.sleep(seconds)
-        return request(self, client)
+        if not threading.current_thread().name.startswith(asker):
+            return request(self, client)
+        asking.set()
+        time.sleep(seconds)
+        try:
+            return request(self, client)
+        finally:
+            answered.set()
 
     monkeypatch.setattr(GpuPool, "_request", late)
-    return asking
+    return asking, answered
 
 
 @pytest.mark.integration
@@ -240,8 +244,10 @@ def test_a_slot_passed_while_the_waiter_asks_is_taken_at_once_and_the_late_one_h
         prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A waiter whose slot request takes 4 s (a starved database) is passed a slot
     meanwhile: it holds that one at once, and the slot its request is granted later
-    goes back (nobody else waits), so none is left taken."""
+    goes back (nobody else waits), so none is left taken, also after the waiter's own
+    Prefect client was closed."""
     from prefect.client.orchestration import get_client
+    from prefect.context import SyncClientContext
 
     name = _limit(2)
     pool = _pool(name, poll_seconds=0.1)
@@ -255,7 +261,9 @@ def test_a_slot_passed_while_the_waiter_asks_is_taken_at_once_and_the_late_one_h
             release.wait(30)
 
     def waiter() -> None:
-        with pool.admission(log, "1"):
+        # As in a task run: a client of the run's context, closed when the run ends
+        # (here: before the late request is answered).
+        with SyncClientContext.get_or_create(), pool.admission(log, "1"):
             admitted_at.append(time.monotonic())
 
     with get_client(sync_client=True) as client:
@@ -267,7 +275,7 @@ def test_a_slot_passed_while_the_waiter_asks_is_taken_at_once_and_the_late_one_h
         while not admitted_at:
             assert time.monotonic() < deadline, "the holder took no slot"
             time.sleep(0.05)
-        asking = _served_late(monkeypatch, 4.0)
+        asking, answered = _served_late(monkeypatch, 4.0)
         second = threading.Thread(target=contextvars.copy_context().run, args=(waiter,))
         second.start()
         time.sleep(0.5)
@@ -279,7 +287,10 @@ def test_a_slot_passed_while_the_waiter_asks_is_taken_at_once_and_the_late_one_h
         first.join(30)
         assert len(admitted_at) == 2
         assert admitted_at[1] - passed < 2.0, "the passed slot waited for the request"
-        deadline = time.monotonic() + 20  # the request's own slot comes in, and goes back
+        # The request's own slot comes in after the waiter (and its client) left, and
+        # goes back.
+        assert answered.wait(20), "the late request was never answered"
+        deadline = time.monotonic() + 20
         while client.read_global_concurrency_limit_by_name(name).active_slots != 0:
             assert time.monotonic() < deadline, "the late slot was not given back"
             time.sleep(0.2)
@@ -297,7 +308,7 @@ def test_a_slot_granted_to_a_newer_waiter_first_goes_to_the_oldest(
     name = _limit(2)
     pool = _pool(name, poll_seconds=60)
     log = logging.getLogger("test.admission")
-    older_asking = _served_late(monkeypatch, 3.0, asker="beam-1/")  # its asking thread
+    older_asking, _ = _served_late(monkeypatch, 3.0, asker="beam-1/")  # its asking thread
     admitted: list[tuple[str, float]] = []
 
     def beam(order: str) -> None:
