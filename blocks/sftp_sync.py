@@ -47,14 +47,30 @@ def open_sftp(host: SshSettings) -> paramiko.SFTPClient:
 
     A read or write on it that moves nothing for ``transfer_idle_timeout`` raises
     TimeoutError: a host that hangs with its connection open (seen: a crashed host whose
-    SFTP servers lived on) would otherwise hold a transfer for ever."""
-    sftp = paramiko.SFTPClient.from_transport(
-        transport(host), window_size=SFTP_WINDOW_SIZE, max_packet_size=SFTP_PACKET_SIZE)
-    assert sftp is not None  # None only when the subsystem channel could not be opened
-    channel = sftp.get_channel()
-    assert channel is not None  # the subsystem channel the client was made on
-    channel.settimeout(host.transfer_idle_timeout)
-    return sftp
+    SFTP servers lived on) would otherwise hold a transfer for ever. The same holds for
+    the SFTP handshake (paramiko's ``from_transport`` waits for the server's version
+    without a timeout): a host that stalls there fails with HostConnectError.
+
+    Raises:
+        HostConnectError: The session could not be opened, or the handshake stalled.
+    """
+    idle = host.transfer_idle_timeout
+    try:
+        channel = transport(host).open_session(window_size=SFTP_WINDOW_SIZE,
+                                               max_packet_size=SFTP_PACKET_SIZE, timeout=idle)
+        channel.settimeout(idle)
+        try:
+            channel.invoke_subsystem("sftp")
+            return paramiko.SFTPClient(channel)
+        except BaseException:
+            channel.close()
+            raise
+    except TimeoutError as exc:
+        raise HostConnectError(f"opening an SFTP session on {host.address}: "
+                               f"{_stalled(host)}") from exc
+    except (paramiko.SSHException, EOFError) as exc:
+        raise HostConnectError(f"opening an SFTP session on {host.address}: the connection "
+                               f"was lost ({type(exc).__name__}: {exc})") from exc
 
 
 def _stalled(host: SshSettings) -> str:
