@@ -21,14 +21,16 @@ log = logging.getLogger(__name__)
 
 
 class BusyRetryTransport(httpx.BaseTransport):
-    def __init__(self, inner: httpx.BaseTransport, delays: tuple[float, ...] = DELAYS) -> None:
+    def __init__(self, inner: httpx.BaseTransport, delays: tuple[float, ...] = DELAYS,
+                 busy: frozenset[int] = BUSY) -> None:
         self.inner = inner
         self.delays = delays
+        self.busy = busy
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         for delay in self.delays:
             response = self.inner.handle_request(request)
-            if response.status_code not in BUSY:
+            if response.status_code not in self.busy:
                 return response
             response.read()
             response.close()

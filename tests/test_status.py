@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
@@ -31,6 +30,7 @@ from flows.naming import (
     run_name,
     simulation_task_run_name,
 )
+from tests.support.api import patient_client
 from tests.support.api import post as api_write
 from tests.support.pipeline import REPO
 
@@ -141,7 +141,7 @@ class Runs:
     """Creates process_case flow and task runs through the REST API (server-orchestrated)."""
 
     def __init__(self, api: str) -> None:
-        self.http = httpx.Client(base_url=api, timeout=30)
+        self.http = patient_client(base_url=api, timeout=30)
         self.flow_id = self.post("/flows/", {"name": FLOW_NAME})["id"]
 
     def post(self, path: str, body: dict[str, Any]) -> Any:

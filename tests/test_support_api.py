@@ -10,13 +10,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from deployments import busy_retry
 from tests.support import api
 
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, list[int]]]:
     """A local HTTP server answering POSTs with the statuses queued in its list (then 201)."""
-    monkeypatch.setattr(api.time, "sleep", lambda s: None)  # no waiting between tries
+    monkeypatch.setattr(busy_retry.time, "sleep", lambda s: None)  # no waiting between tries
     answers: list[int] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -51,4 +52,4 @@ def test_busy_answers_are_asked_again_other_errors_are_not(
         api.post(url, {})
     answers[:] = [503] * api.TRIES  # busy for good: the last one raises
     with pytest.raises(httpx.HTTPStatusError, match="503"):
-        api.post(url, {}, client=httpx.Client(timeout=5))
+        api.post(url, {}, client=api.patient_client(timeout=5))
